@@ -1,0 +1,282 @@
+"""A Stable Diffusion pipeline in JAX: load a diffusers folder, run its parts, sample, export.
+
+A diffusers pipeline folder (``StableDiffusionPipeline.save_pretrained`` layout)::
+
+    model_index.json
+    unet/          config.json + diffusion_pytorch_model.safetensors (or .bin)
+    vae/           config.json + diffusion_pytorch_model.safetensors
+    text_encoder/  config.json + model.safetensors                  (transformers CLIPTextModel)
+    tokenizer/     vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    scheduler/     scheduler_config.json
+
+:func:`load_pipeline` reads it into :class:`StableDiffusion` (Flax modules + host params);
+:func:`save_pipeline` writes one back (optionally with new UNet params) that
+``diffusers.StableDiffusionPipeline.from_pretrained`` loads. Arrays are channels-last.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rpo_jax import fsutil, sampling
+from rpo_jax.models import clip_text, unet as unet_lib, vae as vae_lib
+from rpo_jax.schedulers import NoiseSchedule
+from rpo_jax.tokenizer import CLIPTokenizer
+from rpo_jax.weights import io
+
+COMPONENT_CLASSES = {
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+}
+_WRITTEN = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class PipelineError(ValueError):
+    """A pipeline folder is incomplete or names components rpo_jax cannot load."""
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """The parts of a Stable Diffusion pipeline as Flax modules and their params.
+
+    Params are host NumPy arrays after loading; ``jax.device_put`` them (with shardings from
+    :mod:`rpo_jax.partitioning`) for repeated use. All methods are pure in the params they take.
+    """
+    unet: unet_lib.UNet2DConditionModel
+    unet_params: Any
+    vae: vae_lib.AutoencoderKL
+    vae_params: Any
+    text_encoder: clip_text.CLIPTextModel
+    text_encoder_params: Any
+    tokenizer: CLIPTokenizer
+    schedule: NoiseSchedule
+    configs: dict[str, dict]  # config.json of unet, vae, text_encoder, as read
+    model_index: dict
+    source: Path | None = None
+
+    # ---- shapes -------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def default_resolution(self) -> int:
+        """The resolution the UNet was configured for (SD 2.1: 768 px, SD 1.5: 512 px)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    # ---- text ---------------------------------------------------------------------------------
+    def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """Prompts → (N, 77) int32 ids, padded and truncated as the SD pipeline does."""
+        return self.tokenizer(prompts)["input_ids"]
+
+    @functools.cached_property
+    def _encode_ids(self):
+        return jax.jit(lambda p, ids: clip_text.encode_prompt_embeddings(self.text_encoder, p, ids))
+
+    def encode_prompts(self, prompts: str | Sequence[str], params: Any = None) -> jnp.ndarray:
+        """Prompts → (N, 77, D) embeddings the UNet is conditioned on (last hidden state)."""
+        params = self.text_encoder_params if params is None else params
+        return self._encode_ids(params, jnp.asarray(self.tokenize(prompts)))
+
+    # ---- networks on arrays -------------------------------------------------------------------
+    def apply_unet(self, sample, timesteps, encoder_hidden_states, params: Any = None):
+        """UNet prediction: sample (B, h, w, C), timesteps (B,), embeddings (B, L, D)."""
+        params = self.unet_params if params is None else params
+        return self._unet_fn(params, sample, timesteps, encoder_hidden_states)
+
+    @functools.cached_property
+    def _unet_fn(self):
+        return jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
+
+    @functools.cached_property
+    def _encode_fn(self):
+        return jax.jit(lambda p, x: self.vae.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode))
+
+    @functools.cached_property
+    def _decode_fn(self):
+        return jax.jit(lambda p, z: self.vae.apply({"params": p}, z, method=vae_lib.AutoencoderKL.decode))
+
+    def encode_images(self, images, rng: jax.Array | None = None) -> jnp.ndarray:
+        """Images (B, H, W, 3) in [-1, 1] → scaled latents (B, H/8, W/8, C) ready for the UNet.
+
+        Uses the posterior mean, or a sample when ``rng`` is given.
+        """
+        mean, logvar = self._encode_fn(self.vae_params, jnp.asarray(images, jnp.float32))
+        z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+        return vae_lib.scale_latents(z, self.vae.config)
+
+    def decode_latents(self, latents) -> jnp.ndarray:
+        """Scaled latents (B, h, w, C) → images (B, 8h, 8w, 3) in about [-1, 1]."""
+        z = vae_lib.unscale_latents(jnp.asarray(latents, jnp.float32), self.vae.config)
+        return self._decode_fn(self.vae_params, z)
+
+    # ---- sampling -----------------------------------------------------------------------------
+    @functools.lru_cache(maxsize=8)
+    def sampler(self, num_inference_steps: int = 50, eta: float = 0.0,
+                guidance: bool = True) -> sampling.DDIMSampler:
+        """A compiled DDIM sampler for this UNet (cached per settings)."""
+        return sampling.DDIMSampler(self.unet, self.schedule, num_inference_steps, eta, guidance)
+
+    def __hash__(self):  # lets functools.lru_cache key on the pipeline object itself
+        return id(self)
+
+    def initial_latents(self, rng: jax.Array, n: int, height: int | None = None,
+                        width: int | None = None) -> jnp.ndarray:
+        """(n, h, w, C) standard-normal starting latents for ``height`` x ``width`` images."""
+        height = height or self.default_resolution
+        width = width or self.default_resolution
+        f = self.vae_scale_factor * self.unet.config.downscale_factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        shape = (n, height // self.vae_scale_factor, width // self.vae_scale_factor, self.latent_channels)
+        return jax.random.normal(rng, shape, jnp.float32)
+
+    def generate(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
+                 seed: int = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt: str = "", height: int | None = None, width: int | None = None,
+                 eta: float = 0.0, latents: jnp.ndarray | None = None,
+                 unet_params: Any = None) -> np.ndarray:
+        """Text → uint8 images (N · num_images_per_prompt, H, W, 3), prompt-major order.
+
+        ``latents`` (channels-last) replaces the seeded noise, e.g. to match diffusers.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([negative_prompt] * len(prompts))
+        rng = jax.random.PRNGKey(seed)
+        if latents is None:
+            latents = self.initial_latents(jax.random.fold_in(rng, 0), len(prompts), height, width)
+        sampler = self.sampler(num_inference_steps, eta, guidance_scale > 1.0)
+        params = self.unet_params if unet_params is None else unet_params
+        out = sampler(params, latents, cond, uncond, guidance_scale, jax.random.fold_in(rng, 1))
+        return sampling.to_uint8(self.decode_latents(out))
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def _read_model_index(root: Path) -> dict:
+    path = root / "model_index.json"
+    if not path.is_file():
+        raise PipelineError(f"{root} is not a diffusers pipeline folder: missing {path.name}")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path} is not valid JSON: {e}") from e
+    for name, classes in COMPONENT_CLASSES.items():
+        entry = index.get(name)
+        if not entry or entry[1] is None:
+            raise PipelineError(f"{path}: component {name!r} is missing")
+        if entry[1] not in classes:
+            raise PipelineError(f"{path}: {name} is a {entry[1]}; rpo_jax loads {list(classes)}")
+    for name in COMPONENT_CLASSES:
+        if not (root / name).is_dir():
+            raise PipelineError(f"{path} lists {name!r} but folder {root / name} does not exist")
+    if not (root / "scheduler").is_dir():
+        raise PipelineError(f"{root}: missing scheduler/ folder")
+    return index
+
+
+def load_pipeline(path: str | os.PathLike, *, dtype: Any = jnp.float32,
+                  param_dtype: Any = jnp.float32, variant: str | None = None,
+                  attention_impl: str = "auto", remat: bool = False) -> StableDiffusion:
+    """Read a diffusers Stable Diffusion folder.
+
+    Args:
+      path: the pipeline folder (with model_index.json).
+      dtype: activation dtype of the networks (bfloat16 for speed, float32 for parity).
+      param_dtype: dtype the params are stored in after loading.
+      variant: weight-file variant, e.g. "fp16" for ``diffusion_pytorch_model.fp16.safetensors``.
+      attention_impl: UNet/VAE attention kernel ('einsum', 'blocked', 'auto').
+      remat: gradient checkpointing per block (training).
+    """
+    root = Path(path)
+    index = _read_model_index(root)
+    common = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
+    unet, unet_params, unet_cfg = unet_lib.load_unet(root / "unet", attention_impl=attention_impl,
+                                                      remat=remat, **common)
+    vae, vae_params, vae_cfg = vae_lib.load_vae(root / "vae", attention_impl=attention_impl, **common)
+    text_encoder, te_params, te_cfg = clip_text.load_clip_text(root / "text_encoder", **common)
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    schedule = NoiseSchedule.from_pretrained(root / "scheduler")
+    return StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, te_params, tokenizer,
+                           schedule, {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": te_cfg},
+                           index, root)
+
+
+# ---- saving -----------------------------------------------------------------------------------
+
+def _default_model_index() -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _write_pipeline(pipe: StableDiffusion, out: Path, unet_params: Any, dtype: Any) -> None:
+    unet_lib.save_unet(unet_params, pipe.configs["unet"], out / "unet", dtype=dtype)
+    vae_lib.save_vae(pipe.vae_params, pipe.configs["vae"], out / "vae", dtype=dtype)
+    clip_text.save_clip_text(pipe.text_encoder_params, pipe.configs["text_encoder"],
+                             out / "text_encoder", dtype=dtype)
+    src = pipe.source
+    if src is not None and (src / "tokenizer").is_dir():
+        shutil.copytree(src / "tokenizer", out / "tokenizer")
+    else:
+        pipe.tokenizer.save_pretrained(out / "tokenizer")
+    (out / "scheduler").mkdir()
+    if src is not None and (src / "scheduler" / "scheduler_config.json").is_file():
+        shutil.copy2(src / "scheduler" / "scheduler_config.json", out / "scheduler")
+    else:
+        io.write_json(pipe.schedule.to_dict(), out / "scheduler" / "scheduler_config.json")
+    index = dict(pipe.model_index) if pipe.model_index else _default_model_index()
+    # Components this project does not touch (safety_checker, feature_extractor, ...) are copied
+    # verbatim when the source has them, otherwise dropped from the index.
+    for name, entry in list(index.items()):
+        if name.startswith("_") or name in _WRITTEN or not isinstance(entry, list):
+            continue
+        if entry[0] is not None and src is not None and (src / name).is_dir():
+            shutil.copytree(src / name, out / name)
+        elif entry[0] is not None:
+            index[name] = [None, None]
+    io.write_json(index, out / "model_index.json")
+
+
+def save_pipeline(pipe: StableDiffusion, out_dir: str | os.PathLike, *, unet_params: Any = None,
+                  overwrite: bool = False, dtype: Any = None) -> Path:
+    """Write ``pipe`` (with ``unet_params`` replacing its UNet params, if given) as a diffusers folder.
+
+    The folder is written next to ``out_dir`` under a temporary name and renamed into place only
+    when complete, so a failure never leaves a half-written or damaged ``out_dir``. An existing
+    non-empty ``out_dir`` is replaced only with ``overwrite=True``.
+
+    Args:
+      dtype: store weights in this dtype (e.g. np.float16); default: as held.
+    Returns: the output path.
+    """
+    with fsutil.atomic_dir(out_dir, overwrite) as tmp:
+        _write_pipeline(pipe, tmp, pipe.unet_params if unet_params is None else unet_params, dtype)
+    return Path(out_dir).absolute()

@@ -1,0 +1,34 @@
+"""Shared test setup: 8 host devices for sharding tests, and reference-model helpers."""
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import pytest
+
+
+def max_rel_err(out, ref):
+    """max |out - ref| / max(1, max |ref|): the parity measure used throughout the tests."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+def nchw(x):
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def nhwc(x):
+    return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dirs(tmp_path_factory):
+    """{flavour: folder} of random tiny pipelines written by rpo_jax.tiny (made once)."""
+    from rpo_jax.tiny import FLAVOURS, make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_pipeline(root / f, seed=1, flavour=f) for f in FLAVOURS}
