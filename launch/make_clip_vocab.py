@@ -30,21 +30,10 @@ import json
 import os
 import sys
 
+from rpo_jax.tokenizer import bytes_to_unicode
+
 NUM_MERGES = 49152 - 256 - 2  # 48,894
 VOCAB_SIZE = 49408
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI/GPT-2's reversible byte -> printable unicode character table (256 entries)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def build(gz_path: str) -> tuple[dict[str, int], list[str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rpo_jax import architectures
 from rpo_jax.models import base, clip_text, unet as unet_lib, vae as vae_lib
 from rpo_jax.schedulers import NoiseSchedule
 from rpo_jax.tokenizer import CLIPTokenizer
@@ -96,23 +97,7 @@ def text_encoder_config(flavour: str = "sd21") -> dict:
 
 def scheduler_config(flavour: str = "sd21") -> dict:
     """The real SD 2.1 (DDIM, v) or SD 1.5 (PNDM, ε) scheduler config.json dict."""
-    cfg = {
-        "_diffusers_version": _DIFFUSERS_VERSION,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "clip_sample": False,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "trained_betas": None,
-    }
-    if flavour == "sd21":
-        cfg.update(_class_name="DDIMScheduler", prediction_type="v_prediction")
-    else:
-        cfg.update(_class_name="PNDMScheduler", prediction_type="epsilon")
-    return cfg
+    return dict(architectures.configs(flavour)["scheduler"], _diffusers_version=_DIFFUSERS_VERSION)
 
 
 def model_index(flavour: str = "sd21") -> dict:
@@ -162,7 +147,7 @@ def make_tiny_pipeline(out_dir: str | os.PathLike, *, seed: int = 0, flavour: st
     text_abstract = base.abstract_params(text, *clip_text.init_inputs(tconf))
     clip_text.save_clip_text(base.random_params(text_abstract, seed + 2), tcfg, out / "text_encoder")
 
-    pad = "!" if flavour == "sd21" else "<|endoftext|>"
+    pad = architectures.configs(flavour)["tokenizer_pad_token"]
     CLIPTokenizer.default(pad_token=pad).save_pretrained(out / "tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)
     scfg = scheduler_config(flavour)
