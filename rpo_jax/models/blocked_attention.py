@@ -7,8 +7,12 @@ block of ``block_size`` queries at a time against all keys:
   soft-maxed and multiplied by V, and the per-row logsumexp (lse) is kept.  The only residuals saved
   for the backward pass are q, k, v, the output and lse — never an Lq × Lk matrix.
 * backward: a second scan over query blocks recomputes ``P = exp(q Kᵀ·scale − lse)`` and
-  accumulates ``dV += Pᵀ dO`` and ``dK += dSᵀ q·scale``, with ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``,
-  and emits ``dq = dS K·scale`` per block.
+  accumulates ``dV += Pᵀ dO`` and ``dK += dSᵀ q·scale``, with ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``
+  (rowsum(dO ∘ O) computed once, outside the loop), and emits ``dq = dS K·scale`` per block.
+  K and V are transposed once outside the loop, and dK, dV are accumulated transposed
+  (``dKᵀ += qᵀ dS``) so that every dot in the loop is a plain (M, K) @ (K, N) product: the
+  ``Pᵀ dO`` form, which contracts the leading axis of both operands, misses XLA:CPU's fast dot
+  path and made the whole backward 2-4x slower.
 
 On XLA:CPU this is several times faster than autodiff of plain einsum attention for long
 self-attention because the working set of each step (block_size × Lk) stays in cache, and the
