@@ -4,6 +4,9 @@
   rpo-jax sample          text → PNGs with a diffusers-format Stable Diffusion folder
   rpo-jax export          re-write a pipeline folder as diffusers safetensors (optionally fp16)
   rpo-jax tiny-pipeline   write a random tiny SD pipeline in the diffusers layout
+  rpo-jax negatives       RPO preference data: sample negatives, score them, write the manifest
+
+Commands that take ``--config FILE.py[:ARG]`` also take overrides ``--config.KEY=VALUE``.
 
 Run ``rpo-jax COMMAND --help`` for each command's options.
 """
@@ -100,6 +103,22 @@ def _demo(args: argparse.Namespace) -> int:
     return _sample(sample_args)
 
 
+def _negatives(args: argparse.Namespace) -> int:
+    from rpo_jax import config as config_lib
+    from rpo_jax.preference import prepare_preference_data
+
+    config = config_lib.resolve(args.config, args.overrides)
+    manifest = prepare_preference_data(config, args.workdir)
+    p = manifest["label_probability"]
+    folder = Path(args.workdir).absolute() / "negatives"
+    print(f"{len(manifest['negatives'])} negatives, {len(manifest['references'])} references, "
+          f"{p['pairs']} pairs in {folder}\n"
+          f"label probability σ(r_ref − r_gen): min {p['min']:.3f} mean {p['mean']:.3f} "
+          f"max {p['max']:.3f}; mean reward: negatives {manifest['reward_stats']['r_gen_mean']:.3f}, "
+          f"references {manifest['reward_stats']['r_ref_mean']:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rpo-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,11 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flavour", choices=["sd21", "sd15"], default="sd21",
                    help="sd21: v-prediction, linear projections; sd15: ε-prediction (default sd21)")
     p.set_defaults(func=_tiny)
+
+    p = sub.add_parser("negatives", help="sample and score RPO's negatives for a subject",
+                       description="Sample K images for each of the 8 training prompts with the "
+                       "frozen base pipeline, score negatives and references with the λ-Harmonic "
+                       "reward (λ_train), and write WORKDIR/negatives (PNGs + manifest.json). A "
+                       "re-run with the same settings reuses them. Overrides: --config.KEY=VALUE, "
+                       "e.g. --config.negatives.k=4.")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+    p.add_argument("--workdir", required=True, help="the run's folder")
+    p.set_defaults(func=_negatives, takes_overrides=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

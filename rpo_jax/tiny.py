@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from rpo_jax import architectures
 from rpo_jax.models import base, clip_text, unet as unet_lib, vae as vae_lib
 from rpo_jax.schedulers import NoiseSchedule
@@ -155,3 +157,76 @@ def make_tiny_pipeline(out_dir: str | os.PathLike, *, seed: int = 0, flavour: st
     io.write_json(scfg, out / "scheduler" / "scheduler_config.json")
     io.write_json(model_index(flavour), out / "model_index.json")
     return out
+
+
+def make_tiny_subject(out_dir: str | os.PathLike, *, n: int = 4, size: int = 64, seed: int = 0) -> Path:
+    """Write ``n`` photos of a synthetic subject: a cyan ring around a magenta ring and a white dot
+    (colours no prompt names), at slightly varying positions and sizes on a gray backdrop.
+
+    The photos are JPEGs with an EXIF orientation tag on one of them, like phone photos.
+    """
+    from PIL import Image, ImageDraw
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        scale = 4  # draw large, downsample: anti-aliased edges
+        s = size * scale
+        image = Image.new("RGB", (s, s), tuple(int(v) for v in rng.integers(110, 140, 3)))
+        draw = ImageDraw.Draw(image)
+        cx, cy = (s / 2 + rng.uniform(-0.1, 0.1, 2) * s)
+        r = s * rng.uniform(0.28, 0.34)
+        for radius, colour in ((r, (0, 200, 220)), (0.62 * r, (128, 128, 128)),
+                               (0.5 * r, (220, 0, 200)), (0.25 * r, (128, 128, 128)),
+                               (0.12 * r, (255, 255, 255))):
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+        path = out / f"{i:02d}.jpg"
+        if i == 1:  # stored rotated, with EXIF orientation 6 ("rotate 90° CW to view")
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            image.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
+        else:
+            image.save(path, quality=95)
+    return out
+
+
+def _tiny_makers() -> dict:
+    # Reward-model factories are added by rpo_jax.tiny_encoders (ALIGN / CLIP need their modules).
+    from rpo_jax import tiny_encoders
+
+    return {
+        "tiny:sd21": lambda out: make_tiny_pipeline(out, flavour="sd21"),
+        "tiny:sd15": lambda out: make_tiny_pipeline(out, flavour="sd15"),
+        "tiny:subject": make_tiny_subject,
+        "tiny:align": tiny_encoders.make_tiny_align,
+        "tiny:clip": tiny_encoders.make_tiny_clip,
+    }
+
+
+def resolve_path(spec: str, assets_dir: str | os.PathLike, key: str) -> Path:
+    """A config path field → an existing folder.
+
+    ``tiny:NAME`` (``tiny:sd21``, ``tiny:sd15``, ``tiny:align``, ``tiny:clip``, ``tiny:subject``)
+    makes a random tiny model (or the synthetic subject's photos) once under ``assets_dir`` and
+    returns it; anything else must be an existing folder. Errors name the config ``key``.
+    """
+    if not spec:
+        raise ValueError(f"config key {key!r} is empty; give a folder or a tiny:NAME")
+    if spec.startswith("tiny:"):
+        makers = _tiny_makers()
+        if spec not in makers:
+            raise ValueError(f"config key {key!r}: unknown {spec!r}; known: {sorted(makers)}")
+        out = Path(assets_dir).absolute() / spec.replace(":", "-")
+        if not (out / ".complete").is_file():
+            if out.exists():
+                import shutil
+                shutil.rmtree(out)
+            makers[spec](out)
+            (out / ".complete").touch()
+        return out
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"config key {key!r}: folder {path} does not exist")
+    return path.absolute()

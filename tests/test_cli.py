@@ -1,5 +1,6 @@
 """The rpo-jax command line, as a user runs it."""
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -61,3 +62,22 @@ def test_demo_runs(tmp_path):
     assert main(["demo", "--workdir", str(tmp_path), "--steps", "2"]) == 0
     assert len(list((tmp_path / "samples").glob("*.png"))) == 4
     assert main(["demo", "--workdir", str(tmp_path), "--steps", "2"]) == 0  # reuses the pipeline
+
+
+def test_negatives_command(tmp_path, capsys):
+    config = str(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py")
+    args = ["negatives", "--config", config, "--workdir", str(tmp_path),
+            "--config.negatives.k=1", "--config.negatives.num_inference_steps=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "8 negatives, 4 references, 32 pairs" in out and "label probability" in out
+    manifest = json.loads((tmp_path / "negatives" / "manifest.json").read_text())
+    assert len(manifest["negatives"]) == 8
+    assert main(["negatives", "--config", config, "--workdir", str(tmp_path),
+                 "--config.negatives.kk=1"]) == 2
+    assert "unknown config key 'negatives.kk'" in capsys.readouterr().err
+    assert main(["negatives", "--config", config, "--workdir", str(tmp_path),
+                 "--config.reward.lambda_train=2"]) == 2
+    assert "reward.lambda_train must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--bogus"])

@@ -73,7 +73,8 @@ def random_params(abstract: Any, seed: int = 0) -> dict:
     """Random NumPy params for the (boxed or unboxed) abstract tree, without compiling ``init``.
 
     For tiny models and tests: kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02²), norm scales
-    1 + N(0, 0.02²), biases N(0, 0.02²) (non-zero, so parity tests exercise them). float32.
+    1 + N(0, 0.02²), BatchNorm variances 1 + |N(0, 0.1²)|, biases and the rest N(0, 0.02²)
+    (non-zero, so parity tests exercise them). float32.
     """
     rng = np.random.default_rng(seed)
 
@@ -85,6 +86,8 @@ def random_params(abstract: Any, seed: int = 0) -> dict:
             return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
         if name == "scale":
             return (1.0 + 0.02 * rng.standard_normal(shape)).astype(np.float32)
+        if name == "var":  # BatchNorm running variance: positive
+            return (1.0 + 0.1 * np.abs(rng.standard_normal(shape))).astype(np.float32)
         return (0.02 * rng.standard_normal(shape)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract))

@@ -45,11 +45,13 @@ def dense(features: int, axes: tuple[str, str], *, use_bias: bool = True, dtype:
 
 
 def conv(features: int, kernel_size: int = 3, *, strides: int = 1, padding: Any = 1,
-         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Conv:
+         use_bias: bool = True, groups: int = 1, dtype: Dtype = jnp.float32,
+         param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
     """A 2-D ``nn.Conv`` (NHWC) with kernel axes ('conv_h', 'conv_w', 'conv_in', 'conv_out').
 
     ``padding`` is an int (symmetric, PyTorch style), or anything ``nn.Conv`` accepts.
+    ``groups`` is PyTorch's ``groups`` (``feature_group_count``): a depthwise kernel is
+    (kh, kw, 1, C), PyTorch's (C, 1, kh, kw) after the usual transpose.
     """
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
@@ -58,6 +60,8 @@ def conv(features: int, kernel_size: int = 3, *, strides: int = 1, padding: Any 
         kernel_size=(kernel_size, kernel_size),
         strides=(strides, strides),
         padding=padding,
+        use_bias=use_bias,
+        feature_group_count=groups,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(

@@ -39,11 +39,15 @@ class KeyMap:
       prefix: prepended to every PyTorch key (e.g. ``"text_model."`` for ``CLIPTextModel``).
       ignore: regexes of PyTorch keys that may be present and are not parameters (buffers).
       normalize: rewrites a loaded state dict to the current naming (old checkpoint formats).
+      leaf_names: extra (Flax leaf, PyTorch leaf) names beyond kernel/scale/embedding/bias, e.g.
+        ("mean", "running_mean") for BatchNorm statistics, or ("logit_scale", "logit_scale")
+        for a bare ``nn.Parameter``. Such leaves keep their layout.
     """
     list_names: frozenset[str]
     prefix: str = ""
     ignore: tuple[str, ...] = ()
     normalize: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    leaf_names: tuple[tuple[str, str], ...] = ()
 
     def torch_key(self, path: tuple[str, ...]) -> str:
         """('down_blocks_0', 'resnets_1', 'conv1', 'kernel') → 'down_blocks.0.resnets.1.conv1.weight'."""
@@ -54,10 +58,10 @@ class KeyMap:
                 parts.extend([m.group(1), m.group(2)])
             else:
                 parts.append(name)
-        leaf = path[-1]
-        if leaf not in _LEAF_TO_TORCH:
+        names = {**_LEAF_TO_TORCH, **dict(self.leaf_names)}
+        if path[-1] not in names:
             raise KeyError(f"no PyTorch name for Flax leaf {'/'.join(path)}")
-        parts.append(_LEAF_TO_TORCH[leaf])
+        parts.append(names[path[-1]])
         return self.prefix + ".".join(parts)
 
 
@@ -133,7 +137,8 @@ def params_to_state_dict(params: Any, keymap: KeyMap, dtype: Any = None) -> dict
         array = np.asarray(value)
         if dtype is not None:
             array = array.astype(dtype)
-        out[keymap.torch_key(path)] = np.ascontiguousarray(_to_torch_layout(array, path[-1]))
+        torch_array = _to_torch_layout(array, path[-1])
+        out[keymap.torch_key(path)] = np.ascontiguousarray(torch_array).reshape(torch_array.shape)
     return out
 
 

@@ -115,7 +115,8 @@ def load_state_dict(model_dir: str | os.PathLike, bases: tuple[str, ...],
 
 def save_state_dict(state_dict: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write ``state_dict`` as one safetensors file (metadata format=pt, as torch users expect)."""
-    arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    # np.ascontiguousarray turns 0-d arrays into shape (1,): keep scalars (e.g. logit_scale) 0-d.
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_dict.items()}
     safetensors.numpy.save_file(arrays, str(path), metadata={"format": "pt"})
 
 

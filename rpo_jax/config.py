@@ -1,0 +1,137 @@
+"""ml_collections experiment configs, big_vision style: ``--config FILE.py[:ARG]`` + overrides.
+
+A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict``; its docstring holds
+the command that runs it and what to expect. ``ARG`` is a string the file parses itself, e.g.
+``configs/dreambench_sd21.py:subject=dog,lambda_val=0.5`` (see :func:`parse_arg`).
+
+Overrides are ``--config.KEY=VALUE`` (dots for nesting). Values are parsed as Python literals
+where possible and must keep the type of the field they replace (an int may fill a float field).
+Unknown keys are rejected with the key named; so are type changes. The resolved config is locked
+so code cannot add fields by typo either.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config file, argument or override is wrong; the message names the file or key."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parse ``"a=1,b=dog"`` into a ConfigDict, with types from ``defaults`` (which lists every key)."""
+    out = ml_collections.ConfigDict(dict(defaults))
+    if not arg:
+        return out
+    for item in arg.split(","):
+        if "=" not in item:
+            raise ConfigError(f"config argument {item!r} is not of the form key=value")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in defaults:
+            raise ConfigError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        out[key] = _coerce(value, defaults[key], key)
+    return out
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Import ``FILE.py`` from ``spec`` (``FILE.py[:ARG]``) and return ``get_config(ARG)``."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    module_spec = importlib.util.spec_from_file_location(f"rpo_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigError(f"cannot import config file {file}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {file} has no get_config(arg=None) function")
+    config = module.get_config(arg or None)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{file}: get_config must return an ml_collections.ConfigDict")
+    return config
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string
+
+
+def _coerce(text: str, current: Any, key: str) -> Any:
+    if isinstance(current, str):
+        return text  # strings are taken verbatim ("123" stays a string)
+    value = _literal(text)
+    if current is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if str(text).lower() in ("true", "false"):
+            return str(text).lower() == "true"
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(current, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return type(current)(value)
+        if isinstance(value, (int, float, str)):
+            return type(current)((value,))
+    raise ConfigError(f"--config.{key}={text!r}: expected a value of type "
+                      f"{type(current).__name__}, like the default {current!r}")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply ``--config.a.b=value`` strings in order; unknown keys and type changes are errors."""
+    for override in overrides:
+        if not override.startswith("--config."):
+            raise ConfigError(f"unrecognised argument {override!r} (overrides look like "
+                              "--config.key=value)")
+        body = override[len("--config."):]
+        if "=" not in body:
+            raise ConfigError(f"override {override!r} has no '=value'")
+        key, text = body.split("=", 1)
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r} in {override!r}")
+            node = node[part]
+        leaf = parts[-1]
+        if leaf not in node:
+            known = ", ".join(sorted(node.keys()))
+            raise ConfigError(f"unknown config key {key!r} in {override!r} (known here: {known})")
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ConfigError(f"config key {key!r} is a group; set one of its fields")
+        node[leaf] = _coerce(text, node[leaf], key)
+    return config
+
+
+def resolve(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """load_config + apply_overrides, then lock the config (no new fields)."""
+    config = apply_overrides(load_config(spec), overrides)
+    config.lock()
+    return config
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict:
+    """A JSON-serialisable plain dict of the config (tuples become lists)."""
+    def plain(x):
+        if isinstance(x, (ml_collections.ConfigDict, dict)):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, os.PathLike):
+            return os.fspath(x)
+        return x
+    return plain(config)

@@ -1,0 +1,387 @@
+"""RPO's preference data: negatives from the frozen base model, their rewards, and pair labels.
+
+For a subject (3-6 reference photos, a class noun, live or object) RPO samples K images for each
+of 8 novel training prompts with the frozen base pipeline (DDIM + CFG) and scores every negative
+g (with its prompt p) and every reference y (against every prompt) with the λ-Harmonic reward at
+λ_train (default 0: text alignment only; the identifier is kept in label prompts):
+
+  r_gen[g] = r(g, p_g; R)          r_ref[y, p] = r(y, p; R)
+
+Every (reference, negative) combination is a training pair; its label ℓ ~ Bernoulli(σ(r_ref −
+r_gen)) (ℓ = 1: the reference is preferred) is drawn on device, fresh each time the pair is used
+(:func:`draw_labels`), or set to the probability itself in 'soft' mode.
+
+On disk (``WORKDIR/negatives/``)::
+
+    manifest.json         settings, fingerprint, prompts, rewards, per-image seeds, label stats
+    references/NN.png     the reference photos as scored and trained on (square, model resolution)
+    images/PP-KK.png      negative KK of training prompt PP
+
+A re-run with the same settings (same pipeline files, reward model, photos, sampler settings)
+reuses the folder; any changed setting regenerates it. The folder is replaced atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from rpo_jax import fsutil, images as images_lib, partitioning, reward as reward_lib
+from rpo_jax.sampling import to_uint8
+
+MANIFEST_VERSION = 1
+NEGATIVES_DIR = "negatives"
+
+OBJECT_PROMPTS = (
+    "a {identifier} {cls} in Vincent Van Gogh rendition",
+    "a {identifier} {cls} on the Moon",
+    "a green {identifier} {cls}",
+    "a {identifier} {cls} with a China Great Wall in the background",
+    "a {identifier} {cls} on top of wooden roof",
+    "a {identifier} {cls} with the Statue of Liberty in the background",
+    "a {identifier} {cls} with a volcano in the background",
+    "a {identifier} {cls} on a subway platform",
+)
+LIVE_PROMPTS = (
+    "a {identifier} {cls} wearing a green outfit",
+    "a {identifier} {cls} in Vincent Van Gogh rendition",
+    "a {identifier} {cls} with a China Great Wall in the background",
+    "a {identifier} {cls} is swimming in a pool",
+    "a {identifier} {cls} on a subway platform",
+    "a {identifier} {cls} with the Statue of Liberty in the background",
+    "a {identifier} {cls} on the Moon",
+    "a green {identifier} {cls}",
+)
+REFERENCE_PROMPT = "a photo of {identifier} {cls}"
+
+
+class DualEncoderLike(Protocol):
+    """What the reward needs from ALIGN / CLIP (see rpo_jax.encoders.DualEncoder)."""
+
+    def embed_images(self, images: Any) -> jnp.ndarray: ...  # (N, D), L2-normalised
+
+    def embed_texts(self, texts: Sequence[str]) -> jnp.ndarray: ...  # (N, D), L2-normalised
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """A subject to personalise: reference photos, class noun, and whether it is alive."""
+    name: str
+    class_noun: str
+    live: bool
+    reference_dir: Path
+    identifier: str = reward_lib.IDENTIFIER
+
+    def training_prompts(self) -> list[str]:
+        """The paper's 8 novel prompts for this subject kind, with the identifier."""
+        templates = LIVE_PROMPTS if self.live else OBJECT_PROMPTS
+        return [t.format(identifier=self.identifier, cls=self.class_noun) for t in templates]
+
+    def reference_prompt(self) -> str:
+        return REFERENCE_PROMPT.format(identifier=self.identifier, cls=self.class_noun)
+
+
+# ---- rewards and labels ---------------------------------------------------------------------
+
+def score(encoder: DualEncoderLike, negatives: np.ndarray, negative_prompt_index: np.ndarray,
+          references: np.ndarray, prompts: Sequence[str], lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """(r_gen (Nn,), r_ref (Nr, P)) with the λ-Harmonic reward at ``lam``.
+
+    negatives (Nn, H, W, 3) and references (Nr, H, W, 3) are uint8 images;
+    negative_prompt_index (Nn,) indexes ``prompts``.
+    """
+    ref = encoder.embed_images(references)
+    neg = encoder.embed_images(negatives)
+    txt = encoder.embed_texts(list(prompts))
+    r_gen = reward_lib.lambda_harmonic_reward(neg, ref, txt[np.asarray(negative_prompt_index)], lam)
+    # every reference against every prompt: (Nr, P)
+    r_ref = jax.vmap(lambda t: reward_lib.lambda_harmonic_reward(
+        ref, ref, jnp.broadcast_to(t, ref.shape), lam), out_axes=1)(txt)
+    return np.asarray(r_gen, np.float64), np.asarray(r_ref, np.float64)
+
+
+def pair_probabilities(r_ref: jnp.ndarray, r_gen: jnp.ndarray,
+                       negative_prompt_index: jnp.ndarray) -> jnp.ndarray:
+    """p[i, j] = σ(r_ref[i, prompt(j)] − r_gen[j]): (Nr, P), (Nn,), (Nn,) → (Nr, Nn)."""
+    return jax.nn.sigmoid(jnp.take(r_ref, negative_prompt_index, axis=1) - r_gen[None, :])
+
+
+def draw_labels(key: jax.Array, probabilities: jnp.ndarray, mode: str = "sampled") -> jnp.ndarray:
+    """Labels for pairs with preference probabilities p (any shape), float32.
+
+    'sampled': ℓ ~ Bernoulli(p), fresh for every key (use ``fold_in(key, step)``);
+    'soft': ℓ = p (the expected label; a lower-variance variant, not the paper's).
+    """
+    if mode == "sampled":
+        return jax.random.bernoulli(key, probabilities).astype(jnp.float32)
+    if mode == "soft":
+        return jnp.asarray(probabilities, jnp.float32)
+    raise ValueError(f"label mode must be 'sampled' or 'soft', got {mode!r}")
+
+
+# ---- fingerprints ---------------------------------------------------------------------------
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> list:
+    """Cheap identity of a model folder: every file's relative path, size and mtime."""
+    folder = Path(folder)
+    return sorted([str(p.relative_to(folder)), p.stat().st_size, int(p.stat().st_mtime)]
+                  for p in folder.rglob("*") if p.is_file())
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class NegativesSettings:
+    """What determines the negatives; any change regenerates them."""
+    k: int = 4
+    seed: int = 0
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    lambda_train: float = 0.0
+    resolution: int = 0  # 0: the pipeline's default resolution
+    batch_size: int = 8
+
+    def check(self) -> None:
+        for name in ("k", "num_inference_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"negatives.{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution < 0:
+            raise ValueError(f"resolution must be >= 0, got {self.resolution}")
+        reward_lib.check_lambda(self.lambda_train, "reward.lambda_train")
+
+
+def _sample_images(pipe, prompts: list[str], prompt_index: np.ndarray, seed: int,
+                   settings: NegativesSettings, resolution: int, mesh, progress: bool) -> np.ndarray:
+    """uint8 (N, H, W, 3): image i has noise normal(fold_in(PRNGKey(seed), i)) — batch-size free."""
+    n = len(prompt_index)
+    text = pipe.encode_prompts(prompts)
+    uncond = pipe.encode_prompts([settings.negative_prompt])
+    sampler = pipe.sampler(settings.num_inference_steps, 0.0, settings.guidance_scale > 1.0)
+    base_key = jax.random.PRNGKey(seed)
+    shape = pipe.initial_latents(base_key, 1, resolution, resolution).shape[1:]
+    per_batch = settings.batch_size
+    data_size = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    per_batch = max(data_size, -(-per_batch // data_size) * data_size)
+    params = pipe.unet_params
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = jax.device_put(params, replicated)
+    out = []
+    bar = _progress(range(0, n, per_batch), progress, "negatives", unit="batch")
+    for start in bar:
+        idx = np.arange(start, min(start + per_batch, n))
+        pad = per_batch - len(idx)
+        padded = np.concatenate([idx, np.repeat(idx[-1:], pad)])
+        latents = jnp.stack([jax.random.normal(jax.random.fold_in(base_key, int(i)), shape)
+                             for i in padded])
+        cond = text[prompt_index[padded]]
+        neg = jnp.broadcast_to(uncond, cond.shape)
+        if mesh is not None:
+            latents, cond, neg = (jax.device_put(a, partitioning.batch_sharding(mesh, a.ndim))
+                                  for a in (latents, cond, neg))
+        z = sampler(params, latents, cond, neg, settings.guidance_scale)
+        out.append(to_uint8(pipe.decode_latents(z))[: len(idx)])
+    return np.concatenate(out)
+
+
+def _progress(iterable, enabled: bool, desc: str, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, **kw)
+
+
+def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir: str | os.PathLike,
+                       settings: NegativesSettings, *, identity: dict | None = None, mesh=None,
+                       progress: bool = True) -> dict:
+    """Create (or reuse) ``workdir/negatives`` for ``subject``; returns the manifest dict.
+
+    Args:
+      pipe: the frozen base :class:`rpo_jax.pipeline.StableDiffusion`.
+      encoder: the reward's dual encoder.
+      identity: JSON-able description of the pipeline and reward model (e.g. their
+        :func:`folder_fingerprint`), part of the fingerprint so changed weights regenerate.
+      mesh: optional device mesh; sampling batches are sharded over its 'data' (and 'fsdp') axes.
+    """
+    settings.check()
+    out_dir = Path(workdir).absolute() / NEGATIVES_DIR
+    resolution = settings.resolution or pipe.default_resolution
+    ref_paths = images_lib.list_images(subject.reference_dir)
+    prompts = subject.training_prompts()
+    fp_settings = {
+        "version": MANIFEST_VERSION,
+        "settings": dataclasses.asdict(settings) | {"resolution": resolution},
+        "subject": {"class_noun": subject.class_noun, "live": subject.live,
+                    "identifier": subject.identifier},
+        "references": [[p.name, _file_digest(p)] for p in ref_paths],
+        "identity": identity or {},
+    }
+    fp = fingerprint(fp_settings)
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        files = [out_dir / r["file"] for r in old.get("references", []) + old.get("negatives", [])]
+        if old.get("fingerprint") == fp and files and all(f.is_file() for f in files):
+            if progress:
+                print(f"[negatives] reusing {len(old['negatives'])} negatives in {out_dir} "
+                      "(same settings)")
+            return old
+
+    t0 = time.perf_counter()
+    references, _ = images_lib.load_reference_images(subject.reference_dir, size=resolution)
+    prompt_index = np.repeat(np.arange(len(prompts)), settings.k)
+    negatives = _sample_images(pipe, prompts, prompt_index, settings.seed, settings, resolution,
+                               mesh, progress)
+    t_sample = time.perf_counter() - t0
+    r_gen, r_ref = score(encoder, negatives, prompt_index, references, prompts, settings.lambda_train)
+    t_score = time.perf_counter() - t0 - t_sample
+    probs = np.asarray(pair_probabilities(jnp.asarray(r_ref), jnp.asarray(r_gen),
+                                          jnp.asarray(prompt_index)))
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "fingerprint": fp,
+        "fingerprint_inputs": fp_settings,
+        "subject": {"name": subject.name, "class_noun": subject.class_noun, "live": subject.live,
+                    "reference_dir": str(Path(subject.reference_dir).absolute())},
+        "identifier": subject.identifier,
+        "reference_prompt": subject.reference_prompt(),
+        "prompts": prompts,
+        "resolution": resolution,
+        "noise": "image i starts from normal(fold_in(PRNGKey(seed), i)) latents",
+        "references": [{"file": f"references/{i:02d}.png", "source": str(p.absolute()),
+                        "rewards": [float(r) for r in r_ref[i]]} for i, p in enumerate(ref_paths)],
+        "negatives": [{"file": f"images/{p:02d}-{i % settings.k:02d}.png", "prompt": prompts[p],
+                       "prompt_index": int(p), "seed": settings.seed, "index": int(i),
+                       "reward": float(r_gen[i])} for i, p in enumerate(prompt_index)],
+        "label_probability": {"min": float(probs.min()), "mean": float(probs.mean()),
+                              "max": float(probs.max()), "pairs": int(probs.size)},
+        "reward_stats": {"r_gen_mean": float(r_gen.mean()), "r_ref_mean": float(r_ref.mean())},
+        "seconds": {"sample": round(t_sample, 2), "score": round(t_score, 2)},
+    }
+    with fsutil.atomic_dir(out_dir, overwrite=True) as tmp:
+        (tmp / "references").mkdir()
+        (tmp / "images").mkdir()
+        for rec, image in zip(manifest["references"], references):
+            Image.fromarray(image).save(tmp / rec["file"])
+        for rec, image in zip(manifest["negatives"], negatives):
+            Image.fromarray(image).save(tmp / rec["file"])
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+@dataclasses.dataclass
+class PreferenceData:
+    """The preference data of a workdir as arrays, ready to cache latents and draw pairs.
+
+    references (Nr, H, W, 3) uint8; negatives (Nn, H, W, 3) uint8; negative_prompt_index (Nn,);
+    r_ref (Nr, P); r_gen (Nn,); prompts (P,); reference_prompt.
+    """
+    references: np.ndarray
+    negatives: np.ndarray
+    negative_prompt_index: np.ndarray
+    r_ref: np.ndarray
+    r_gen: np.ndarray
+    prompts: list[str]
+    reference_prompt: str
+    manifest: dict
+
+    @classmethod
+    def load(cls, workdir: str | os.PathLike) -> "PreferenceData":
+        folder = Path(workdir) / NEGATIVES_DIR
+        path = folder / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no preference data: {path} does not exist "
+                                    "(run `rpo-jax negatives` first)")
+        manifest = json.loads(path.read_text())
+        load = lambda recs: np.stack([images_lib.load_image(folder / r["file"]) for r in recs])
+        return cls(
+            references=load(manifest["references"]),
+            negatives=load(manifest["negatives"]),
+            negative_prompt_index=np.array([r["prompt_index"] for r in manifest["negatives"]]),
+            r_ref=np.array([r["rewards"] for r in manifest["references"]], np.float32),
+            r_gen=np.array([r["reward"] for r in manifest["negatives"]], np.float32),
+            prompts=list(manifest["prompts"]),
+            reference_prompt=manifest["reference_prompt"],
+            manifest=manifest,
+        )
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.references) * len(self.negatives)
+
+    def pair(self, index: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """Pair number(s) → (reference index, negative index); pairs enumerate all Nr × Nn."""
+        return np.divmod(np.asarray(index), len(self.negatives))
+
+    def probabilities(self) -> jnp.ndarray:
+        """(Nr, Nn) σ(r_ref − r_gen) for every pair."""
+        return pair_probabilities(jnp.asarray(self.r_ref), jnp.asarray(self.r_gen),
+                                  jnp.asarray(self.negative_prompt_index))
+
+
+def check_config(config) -> None:
+    """Fail early, naming the key, on values the preference-data job cannot use."""
+    reward_lib.check_lambda(config.reward.lambda_train, "reward.lambda_train")
+    reward_lib.check_lambda(config.reward.lambda_val, "reward.lambda_val")
+    if config.labels.mode not in ("sampled", "soft"):
+        raise ValueError(f"labels.mode must be 'sampled' or 'soft', got {config.labels.mode!r}")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+    if not config.subject.class_noun.strip():
+        raise ValueError("subject.class_noun is empty")
+    negatives_settings(config).check()
+
+
+def negatives_settings(config) -> NegativesSettings:
+    n = config.negatives
+    return NegativesSettings(k=n.k, seed=n.seed, num_inference_steps=n.num_inference_steps,
+                             guidance_scale=n.guidance_scale, negative_prompt=n.negative_prompt,
+                             lambda_train=config.reward.lambda_train, resolution=config.resolution,
+                             batch_size=n.batch_size)
+
+
+def prepare_preference_data(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
+    """The `rpo-jax negatives` job: resolve models and photos, sample, score, write the manifest."""
+    from rpo_jax import encoders, tiny
+    from rpo_jax.pipeline import load_pipeline
+
+    check_config(config)
+    workdir = Path(workdir).absolute()
+    assets = workdir / "assets"
+    pretrained = tiny.resolve_path(config.pretrained, assets, "pretrained")
+    reward_dir = tiny.resolve_path(config.reward_model, assets, "reward_model")
+    reference_dir = tiny.resolve_path(config.subject.reference_dir, assets, "subject.reference_dir")
+    subject = Subject(config.subject.name, config.subject.class_noun, bool(config.subject.live),
+                      reference_dir, config.subject.identifier)
+    mesh = partitioning.make_mesh(tuple(config.mesh))
+    pipe = load_pipeline(pretrained, dtype=jnp.dtype(config.dtype), attention_impl=config.attention_impl)
+    encoder = encoders.load_dual_encoder(reward_dir)
+    identity = {"pretrained": [str(pretrained), folder_fingerprint(pretrained)],
+                "reward_model": [str(reward_dir), folder_fingerprint(reward_dir)]}
+    return generate_negatives(pipe, encoder, subject, workdir, negatives_settings(config),
+                              identity=identity, mesh=mesh, progress=progress)

@@ -1,0 +1,143 @@
+"""Preference data: prompts, label statistics, negatives on the tiny pipeline, reuse, sharding."""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rpo_jax import config as config_lib, partitioning, preference
+from rpo_jax.preference import PreferenceData, Subject
+
+
+def test_prompts_follow_the_paper(tmp_path):
+    live = Subject("dog", "dog", True, tmp_path)
+    obj = Subject("backpack", "backpack", False, tmp_path)
+    assert len(live.training_prompts()) == len(obj.training_prompts()) == 8
+    assert "a [V] dog is swimming in a pool" in live.training_prompts()
+    assert "a [V] backpack on top of wooden roof" in obj.training_prompts()
+    assert all("[V] backpack" in p for p in obj.training_prompts())
+    assert live.reference_prompt() == "a photo of [V] dog"
+
+
+def test_pair_probabilities_and_labels():
+    r_ref = jnp.array([[0.7, 0.2], [0.5, 0.9]])  # (Nr=2, P=2)
+    r_gen = jnp.array([0.4, 0.6, 0.1])            # (Nn=3,)
+    prompt = jnp.array([0, 1, 1])
+    p = preference.pair_probabilities(r_ref, r_gen, prompt)
+    expected = 1 / (1 + np.exp(-(np.array(r_ref)[:, [0, 1, 1]] - np.array(r_gen)[None])))
+    np.testing.assert_allclose(p, expected, rtol=1e-6)
+    keys = jax.random.split(jax.random.PRNGKey(0), 20000)
+    labels = jax.vmap(lambda k: preference.draw_labels(k, p))(keys)
+    assert set(np.unique(labels)) <= {0.0, 1.0}
+    # mean of 20000 Bernoulli draws: std ≤ 0.0036; allow 5 sigma
+    np.testing.assert_allclose(labels.mean(0), expected, atol=0.018)
+    # fresh labels per step key
+    a = preference.draw_labels(jax.random.fold_in(jax.random.PRNGKey(0), 1), jnp.full(64, 0.5))
+    b = preference.draw_labels(jax.random.fold_in(jax.random.PRNGKey(0), 2), jnp.full(64, 0.5))
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(preference.draw_labels(keys[0], p, "soft"), p)
+    with pytest.raises(ValueError, match="label mode"):
+        preference.draw_labels(keys[0], p, "hard")
+
+
+def _tiny_config(**overrides):
+    config = config_lib.load_config(str(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"))
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("neg")
+    manifest = preference.prepare_preference_data(_tiny_config(), workdir, progress=False)
+    return workdir, manifest
+
+
+def test_negatives_on_tiny_pipeline(tiny_run):
+    workdir, manifest = tiny_run
+    folder = workdir / "negatives"
+    assert len(manifest["negatives"]) == 2 * 8 and len(manifest["references"]) == 4
+    for rec in manifest["negatives"] + manifest["references"]:
+        assert (folder / rec["file"]).is_file()
+    assert json.loads((folder / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
+    rewards = [r["reward"] for r in manifest["negatives"]]
+    assert all(0.0 <= r <= 1.0 for r in rewards)
+    lp = manifest["label_probability"]
+    assert 0.26 < lp["min"] <= lp["mean"] <= lp["max"] < 0.74 and lp["pairs"] == 4 * 16
+    data = PreferenceData.load(workdir)
+    assert data.negatives.shape == (16, 32, 32, 3) and data.references.shape == (4, 32, 32, 3)
+    assert data.r_ref.shape == (4, 8) and data.num_pairs == 64
+    np.testing.assert_array_equal(data.pair(np.array([0, 17])), ([0, 1], [0, 1]))
+
+
+def test_rerun_reuses_and_changed_setting_regenerates(tiny_run, capsys):
+    workdir, manifest = tiny_run
+    image = workdir / "negatives" / manifest["negatives"][0]["file"]
+    stamp = image.stat().st_mtime_ns
+    again = preference.prepare_preference_data(_tiny_config(), workdir, progress=True)
+    assert "reusing" in capsys.readouterr().out
+    assert again["fingerprint"] == manifest["fingerprint"] and image.stat().st_mtime_ns == stamp
+    changed = preference.prepare_preference_data(_tiny_config(**{"negatives.k": 1}), workdir, progress=False)
+    assert len(changed["negatives"]) == 8 and changed["fingerprint"] != manifest["fingerprint"]
+    # put the original back for other tests
+    preference.prepare_preference_data(_tiny_config(), workdir, progress=False)
+
+
+def test_sharded_sampling_matches_one_device(tiny_run, tmp_path):
+    workdir, manifest = tiny_run
+    from rpo_jax.pipeline import load_pipeline
+
+    pipe = load_pipeline(workdir / "assets" / "tiny-sd21")
+    settings = preference.NegativesSettings(k=1, num_inference_steps=3, batch_size=8)
+    prompts = ["a [V] toy on the Moon"] * 8
+    index = np.arange(8)
+    one = preference._sample_images(pipe, prompts, index, 0, settings, 32,
+                                    partitioning.make_mesh((1, 1, 1), jax.devices()[:1]), False)
+    eight = preference._sample_images(pipe, prompts, index, 0, settings, 32,
+                                      partitioning.make_mesh((8, 1, 1)), False)
+    assert np.abs(one.astype(int) - eight.astype(int)).max() <= 1
+    # batch size does not change which noise an image gets
+    small = preference._sample_images(pipe, prompts, index, 0,
+                                      preference.NegativesSettings(k=1, num_inference_steps=3, batch_size=3),
+                                      32, None, False)
+    assert np.abs(one.astype(int) - small.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("reward.lambda_train", 1.5, "reward.lambda_train must be in"),
+    ("negatives.k", 0, "negatives.k must be >= 1"),
+    ("labels.mode", "hard", "labels.mode"),
+])
+def test_bad_config_values_name_the_key(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        preference.prepare_preference_data(_tiny_config(**{key: value}), tmp_path, progress=False)
+    assert not (tmp_path / "negatives").exists()
+
+
+def test_reference_folder_without_images(tmp_path):
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photos here")
+    with pytest.raises(ValueError, match=str(empty)):
+        preference.prepare_preference_data(_tiny_config(**{"subject.reference_dir": str(empty)}),
+                                           tmp_path / "w", progress=False)
+
+
+def test_truncated_reference_photo_is_named(tmp_path):
+    from rpo_jax import tiny
+
+
+    photos = tiny.make_tiny_subject(tmp_path / "photos")
+    data = (photos / "02.jpg").read_bytes()
+    (photos / "02.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="02.jpg"):
+        preference.prepare_preference_data(_tiny_config(**{"subject.reference_dir": str(photos)}),
+                                           tmp_path / "w", progress=False)
+    assert not (tmp_path / "w" / "negatives").exists()
