@@ -102,3 +102,30 @@ def configs(name: str) -> dict:
     if name not in _CONFIGS:
         raise ValueError(f"unknown architecture {name!r}; known: {list(_CONFIGS)}")
     return copy.deepcopy(_CONFIGS[name])
+
+
+def align_base() -> dict:
+    """kakaobrain/align-base's AlignModel config.json (EfficientNet-B7 image tower at 289 px,
+    bert-base-uncased text tower, projection 640), as transformers' ALIGN conversion builds it."""
+    return {
+        "architectures": ["AlignModel"],
+        "model_type": "align",
+        "projection_dim": 640,
+        "temperature_init_value": 1.0,
+        "text_config": {
+            "model_type": "align_text_model", "vocab_size": 30522, "hidden_size": 768,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+            "hidden_act": "gelu", "max_position_embeddings": 512, "type_vocab_size": 2,
+            "layer_norm_eps": 1e-12, "pad_token_id": 0,
+        },
+        "vision_config": {
+            "model_type": "align_vision_model", "num_channels": 3, "image_size": 289,
+            "width_coefficient": 2.0, "depth_coefficient": 3.1, "depth_divisor": 8,
+            "kernel_sizes": [3, 3, 5, 3, 5, 5, 3], "in_channels": [32, 16, 24, 40, 80, 112, 192],
+            "out_channels": [16, 24, 40, 80, 112, 192, 320], "depthwise_padding": [],
+            "strides": [1, 2, 2, 2, 1, 2, 1], "num_block_repeats": [1, 2, 2, 3, 3, 4, 1],
+            "expand_ratios": [1, 6, 6, 6, 6, 6, 6], "squeeze_expansion_ratio": 0.25,
+            "hidden_act": "swish", "hidden_dim": 640, "pooling_type": "mean",
+            "batch_norm_eps": 1e-3, "batch_norm_momentum": 0.99,
+        },
+    }

@@ -94,3 +94,34 @@ def test_every_param_has_logical_axes():
     abstract = base.abstract_params(align.AlignModel(config), *align.init_inputs(config))
     for box in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
         assert isinstance(box, nn.Partitioned) and len(box.names) == box.value.ndim
+
+
+@pytest.mark.slow
+def test_align_base_loads_from_a_folder_and_matches(tmp_path):
+    """The real align-base config (random weights) builds, loads from a transformers folder and
+    matches transformers on one image and one padded prompt."""
+    from rpo_jax import architectures
+
+    torch.manual_seed(0)
+    model = transformers.AlignModel(transformers.AlignConfig(**architectures.align_base())).eval()
+    model.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 289, 289, generator=g)
+    ids = torch.randint(1000, 30000, (1, 64), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, 20:] = 0
+    with torch.no_grad():
+        ref_img = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
+        ref_txt = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output.numpy()
+    del model
+    module, params, _ = align.load_align(tmp_path)
+    n = sum(np.size(p) for p in jax.tree.leaves(params))
+    apply = lambda m, *a: jax.jit(lambda p, *b: module.apply({"params": p}, *b, method=m))(params, *a)
+    img = np.asarray(apply(align.AlignModel.get_image_features, pixels.numpy().transpose(0, 2, 3, 1)))
+    txt = np.asarray(apply(align.AlignModel.get_text_features, ids.numpy(), mask.numpy()))
+    # With transformers' random init the image features shrink through 55 blocks to ~1e-22,
+    # so errors are measured relative to each output's own scale.
+    errs = [float(np.abs(o - r).max() / np.abs(r).max()) for o, r in ((img, ref_img), (txt, ref_txt))]
+    print(f"align-base ({n / 1e6:.0f} M params): image / text features max error relative to "
+          f"scale {errs[0]:.1e} / {errs[1]:.1e}")
+    assert max(errs) <= 1e-4
