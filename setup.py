@@ -25,6 +25,7 @@ setup(
         "regex",
         "tqdm",
         "absl-py",
+        "tensorboardX",
     ],
     extras_require={
         # Reference implementations for parity tests. torch is pinned: on the project's machines

@@ -5,11 +5,14 @@ random tiny ALIGN as the reward model, four photos of a synthetic ring-shaped su
 config needs no downloads. The models are random: rewards sit near 0.5 and labels are close to
 coin flips; this config checks that the machinery runs, not that anything learns.
 
-Command:
-  rpo-jax negatives --config configs/tiny.py --workdir runs/tiny
-Expected (2 CPU cores): ~1 min; runs/tiny/negatives/ holds 16 negatives (2 per prompt × 8
-prompts), 4 references and manifest.json with every reward and the label-probability range.
-Re-running reuses them; `--config.negatives.k=3` regenerates.
+Commands:
+  rpo-jax negatives --config configs/tiny.py --workdir runs/tiny   # preference data only
+  rpo-jax train --config configs/tiny.py --workdir runs/tiny       # negatives → training → selection
+  rpo-jax export --workdir runs/tiny --out runs/tiny-export        # best UNet as a diffusers folder
+Expected (2 CPU cores): negatives ~10 s (16 negatives: 2 per prompt × 8 prompts, 4 references,
+manifest.json with every reward and the label-probability range); train ~1 min more (8 steps,
+validations at steps 0, 4 and 8, best checkpoint in runs/tiny/best, summary.json). Re-running
+reuses the negatives and resumes training; `--config.negatives.k=3` regenerates the negatives.
 """
 import ml_collections
 
@@ -45,4 +48,33 @@ def get_config(arg=None):
         lambda_val=0.5,                       # λ for model selection (paper: 0.3 / 0.5 / 0.7)
     ))
     c.labels = ml_collections.ConfigDict(dict(mode="sampled"))  # sampled | soft
+    c.objective = ml_collections.ConfigDict(dict(
+        beta=1.0,                             # applied to Δ (paper README: 1.0)
+        w_sim=1.0,                            # L = w_sim·L_sim + w_pref·L_pref
+        w_pref=1.0,
+        share_noise_in_pair=False,            # True: Diffusion-DPO style shared t and ε per pair
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        max_steps=8,                          # paper: ≤ 400
+        batch_size=1,                         # pairs per micro-batch (paper: 1)
+        grad_accum=1,
+        lr=1e-4,                              # paper: 5e-6 (tiny random models need more)
+        weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,
+        warmup_steps=0,
+        max_grad_norm=1.0,                    # global-norm clip, applied (0 turns it off)
+        seed=0,
+        remat=False,
+        ref_params_dtype="float32",           # frozen reference UNet: float32 | bfloat16
+        term_grad_norms=True,                 # log |∇L_sim| and |∇L_pref| (one extra backward pass)
+        checkpoint_every=4,
+        log_every=1,
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        every=4,                              # paper: 40
+        num_images=2,                         # per training prompt (paper: 4)
+        num_inference_steps=10,               # paper: DDIM 50
+        guidance_scale=7.5,
+        seed=1234,                            # fixed validation noise
+        early_stop_patience=0,                # evaluations without improvement before stopping; 0: off
+    ))
     return c

@@ -5,6 +5,7 @@
   rpo-jax export          re-write a pipeline folder as diffusers safetensors (optionally fp16)
   rpo-jax tiny-pipeline   write a random tiny SD pipeline in the diffusers layout
   rpo-jax negatives       RPO preference data: sample negatives, score them, write the manifest
+  rpo-jax train           RPO end to end: negatives, training, validation-based model selection
 
 Commands that take ``--config FILE.py[:ARG]`` also take overrides ``--config.KEY=VALUE``.
 
@@ -69,11 +70,37 @@ def _export(args: argparse.Namespace) -> int:
 
     from rpo_jax.pipeline import load_pipeline, save_pipeline
 
-    pipe = load_pipeline(args.pretrained)
+    if (args.pretrained is None) == (args.workdir is None):
+        print("error: give exactly one of --pretrained DIR or --workdir W", file=sys.stderr)
+        return 2
     dtype = None if args.dtype is None else np.dtype(args.dtype)
-    out = save_pipeline(pipe, args.out, overwrite=args.overwrite, dtype=dtype)
-    print(f"exported {args.pretrained} → {out} (safetensors"
-          f"{', ' + args.dtype if args.dtype else ''})")
+    if args.pretrained is not None:
+        pipe = load_pipeline(args.pretrained)
+        out = save_pipeline(pipe, args.out, overwrite=args.overwrite, dtype=dtype)
+        print(f"exported {args.pretrained} → {out} (safetensors{', ' + args.dtype if args.dtype else ''})")
+        return 0
+    import flax.linen as nn
+    import jax
+    import ml_collections
+
+    from rpo_jax import preference
+    from rpo_jax.models import base, unet as unet_lib
+    from rpo_jax.train import load_best_params
+
+    workdir = Path(args.workdir).absolute()
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        print(f"error: {config_path} does not exist: not an rpo-jax training workdir", file=sys.stderr)
+        return 2
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    pretrained, _, _ = preference.resolve_paths(config, workdir)
+    pipe = load_pipeline(pretrained)
+    abstract = nn.unbox(base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config)))
+    params, meta = load_best_params(workdir, jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract))
+    out = save_pipeline(pipe, args.out, unet_params=params, overwrite=args.overwrite, dtype=dtype)
+    print(f"exported the best UNet of {workdir} (step {meta['step']}, validation reward "
+          f"{meta['reward']:.4f}) with the rest of {pretrained} → {out}")
     return 0
 
 
@@ -119,6 +146,15 @@ def _negatives(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from rpo_jax import config as config_lib
+    from rpo_jax.train import train_and_evaluate
+
+    config = config_lib.resolve(args.config, args.overrides)
+    summary = train_and_evaluate(config, args.workdir)
+    return 0 if not summary["interrupted"] else 143
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rpo-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,11 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("export", help="write a pipeline as a diffusers folder with safetensors",
-                       description="Load a diffusers SD folder into rpo_jax and write it back as a "
-                       "diffusers folder with .safetensors weights (e.g. to convert .bin "
-                       "checkpoints, or to store fp16 weights). The output is written under a "
-                       "temporary name and moved into place when complete.")
-    p.add_argument("--pretrained", required=True, help="source pipeline folder")
+                       description="Write a diffusers folder with .safetensors weights that "
+                       "diffusers.StableDiffusionPipeline.from_pretrained loads: either a pipeline "
+                       "folder re-written (--pretrained; e.g. to convert .bin checkpoints or store "
+                       "fp16 weights), or a training run's best UNet with the rest of its base "
+                       "pipeline (--workdir). The output is written under a temporary name and "
+                       "moved into place when complete.")
+    p.add_argument("--pretrained", default=None, help="source pipeline folder")
+    p.add_argument("--workdir", default=None,
+                   help="a training workdir: export its best UNet with the rest of its base pipeline")
     p.add_argument("--out", required=True, help="destination folder")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weight dtype to store (default: as loaded, float32)")
@@ -182,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
     p.add_argument("--workdir", required=True, help="the run's folder")
     p.set_defaults(func=_negatives, takes_overrides=True)
+
+    p = sub.add_parser("train", help="RPO: negatives → training → validation-based selection",
+                       description="Run RPO end to end in WORKDIR: preference data (reused when "
+                       "unchanged), the sharded jitted train step, validation every eval.every "
+                       "steps with r_λval, the best UNet kept in WORKDIR/best, checkpoints in "
+                       "WORKDIR/checkpoints. Re-running the same command resumes; SIGTERM saves "
+                       "and exits. Overrides: --config.KEY=VALUE, e.g. --config.train.max_steps=400.")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+    p.add_argument("--workdir", required=True, help="the run's folder")
+    p.set_defaults(func=_train, takes_overrides=True)
     return parser
 
 

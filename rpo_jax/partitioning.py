@@ -46,8 +46,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh. ``shape`` may hold one -1 (fill with the rest).
 
-    Default: all devices on 'data'. Axes are of type Auto so ``with_sharding_constraint`` and
-    logical constraints work inside jit.
+    Default: all devices on 'data'. A shape without -1 that needs fewer devices than there are
+    uses the first ones. Axes are of type Auto so ``with_sharding_constraint`` and logical
+    constraints work inside jit.
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = list(shape) if shape is not None else [-1, 1, 1]
@@ -60,9 +61,10 @@ def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] 
         if len(devices) % rest:
             raise ValueError(f"mesh shape {shape} does not fit {len(devices)} devices")
         shape[shape.index(-1)] = len(devices) // rest
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, "
-                         f"have {len(devices)}")
+    needed = int(np.prod(shape))
+    if needed > len(devices):
+        raise ValueError(f"mesh shape {shape} needs {needed} devices, have {len(devices)}")
+    devices = devices[:needed]  # a smaller explicit mesh uses the first devices
     return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

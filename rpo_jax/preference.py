@@ -365,17 +365,25 @@ def negatives_settings(config) -> NegativesSettings:
                              batch_size=n.batch_size)
 
 
+def resolve_paths(config, workdir: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """(pretrained pipeline, reward model, reference photos) folders of a config; ``tiny:NAME``
+    entries are made once under ``workdir/assets``. Errors name the config key."""
+    from rpo_jax import tiny
+
+    assets = Path(workdir).absolute() / "assets"
+    return (tiny.resolve_path(config.pretrained, assets, "pretrained"),
+            tiny.resolve_path(config.reward_model, assets, "reward_model"),
+            tiny.resolve_path(config.subject.reference_dir, assets, "subject.reference_dir"))
+
+
 def prepare_preference_data(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     """The `rpo-jax negatives` job: resolve models and photos, sample, score, write the manifest."""
-    from rpo_jax import encoders, tiny
+    from rpo_jax import encoders
     from rpo_jax.pipeline import load_pipeline
 
     check_config(config)
     workdir = Path(workdir).absolute()
-    assets = workdir / "assets"
-    pretrained = tiny.resolve_path(config.pretrained, assets, "pretrained")
-    reward_dir = tiny.resolve_path(config.reward_model, assets, "reward_model")
-    reference_dir = tiny.resolve_path(config.subject.reference_dir, assets, "subject.reference_dir")
+    pretrained, reward_dir, reference_dir = resolve_paths(config, workdir)
     subject = Subject(config.subject.name, config.subject.class_noun, bool(config.subject.live),
                       reference_dir, config.subject.identifier)
     mesh = partitioning.make_mesh(tuple(config.mesh))

@@ -79,7 +79,10 @@ def test_indivisible_axes_fall_back_to_replication():
 
 def test_make_mesh_validates_shape():
     assert partitioning.make_mesh((2, -1, 1)).shape == {"data": 2, "fsdp": 4, "tensor": 1}
-    with pytest.raises(ValueError, match="needs 6 devices"):
-        partitioning.make_mesh((2, 3, 1))
+    with pytest.raises(ValueError, match="needs 16 devices, have 8"):
+        partitioning.make_mesh((2, 8, 1))
+    with pytest.raises(ValueError, match="does not fit 8 devices"):
+        partitioning.make_mesh((3, -1, 1))
+    assert partitioning.make_mesh((1, 1, 1)).devices.size == 1  # the first device
     with pytest.raises(ValueError, match="3 entries"):
         partitioning.make_mesh((8,))

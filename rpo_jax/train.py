@@ -1,0 +1,497 @@
+"""RPO training: ``train_and_evaluate(config, workdir)``, straight-line, in phases.
+
+1. preference data (negatives, rewards) — :func:`rpo_jax.preference.prepare_preference_data`;
+2. caches: VAE posterior (mean, std) of every reference and negative, text embeddings of the
+   reference prompt and the 8 training prompts, every pair's preference probability;
+3. mesh, shardings, train state (params born sharded, AdamW + global-norm clip), a frozen copy
+   of the base UNet as the reference model (never donated);
+4. the jitted train step, compiled ahead of time on abstract inputs (compile time logged);
+5. the loop: pairs in a seeded order derived from the step (so resuming is exact), labels drawn
+   on device from ``fold_in(key, step)``, metrics to metrics.jsonl and TensorBoard;
+6. every ``eval.every`` steps: sample ``eval.num_images`` per training prompt with the current
+   UNet, score with r_{λ_val} on identifier-stripped prompts, keep the best params;
+7. Orbax checkpoints of the latest state (resume by re-running the same command; SIGTERM saves
+   and exits), the best params, and summary.json.
+
+Workdir layout::
+
+    config.json  negatives/  assets/  checkpoints/  best/  samples/step_XXXXXX.png
+    metrics.jsonl  tensorboard/  summary.json
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rpo_jax import config as config_lib, images as images_lib, objective, partitioning
+from rpo_jax import preference, reward as reward_lib
+from rpo_jax.models import base, unet as unet_lib, vae as vae_lib
+
+# Config keys that may change between runs in the same workdir (everything else must match).
+RESUMABLE_CHANGES = ("train.max_steps", "eval.early_stop_patience", "train.checkpoint_every",
+                     "train.log_every")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What a checkpoint holds: step, trainable UNet params, optimizer state, base PRNG key."""
+    step: jnp.ndarray
+    params: Any
+    opt_state: Any
+    rng: jnp.ndarray  # raw uint32[2] key data (checkpointable)
+
+
+# ---- config checks --------------------------------------------------------------------------
+
+def check_config(config) -> None:
+    """Every value the run needs, checked before anything is written; errors name the key."""
+    preference.check_config(config)
+    t = config.train
+    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    for key in ("lr", "eps"):
+        if not getattr(t, key) > 0:
+            raise ValueError(f"train.{key} must be > 0, got {getattr(t, key)}")
+    for key in ("weight_decay", "max_grad_norm", "warmup_steps"):
+        if getattr(t, key) < 0:
+            raise ValueError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    for key in ("b1", "b2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ValueError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
+    if t.ref_params_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"train.ref_params_dtype must be float32 or bfloat16, got {t.ref_params_dtype!r}")
+    e = config.eval
+    for key in ("every", "num_images", "num_inference_steps"):
+        if getattr(e, key) < 1:
+            raise ValueError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
+    if e.early_stop_patience < 0:
+        raise ValueError(f"eval.early_stop_patience must be >= 0, got {e.early_stop_patience}")
+    try:
+        objective_config(config, "epsilon").check()
+    except ValueError as e:
+        raise ValueError(f"objective.{e}") from e
+
+
+def objective_config(config, prediction_type: str,
+                     num_train_timesteps: int = 1000) -> objective.ObjectiveConfig:
+    o = config.objective
+    return objective.ObjectiveConfig(prediction_type=prediction_type, beta=o.beta, w_sim=o.w_sim,
+                                     w_pref=o.w_pref, share_noise_in_pair=o.share_noise_in_pair,
+                                     label_mode=config.labels.mode,
+                                     num_train_timesteps=num_train_timesteps)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW (recipe: lr 5e-6, betas 0.9/0.999, eps 1e-8, wd 1e-2), constant schedule with an
+    optional linear warm-up, after a global-norm clip that really clips (max_grad_norm > 0)."""
+    t = config.train
+    lr = optax.linear_schedule(0.0, t.lr, t.warmup_steps) if t.warmup_steps else t.lr
+    adamw = optax.adamw(lr, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(t.max_grad_norm), adamw) if t.max_grad_norm else adamw
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: Any, param_shardings: Any,
+                   replicated: NamedSharding) -> Any:
+    """The optimizer state, born sharded: moment trees like the params, scalars replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract, param_shardings,
+                                      transform_non_params=lambda _: replicated)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        path = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _config_diff(a, b, path + ".")
+        elif a != b and path not in RESUMABLE_CHANGES:
+            keys.append(path)
+    return keys
+
+
+# ---- caches ---------------------------------------------------------------------------------
+
+def build_cache(pipe, data: preference.PreferenceData) -> dict[str, np.ndarray]:
+    """Host arrays the step gathers from: VAE posterior mean/std (scaled), text embeddings, p."""
+    def posterior(images):
+        x = images_lib.to_model_range(images)
+        means, stds = [], []
+        for i in range(0, len(x), 8):
+            mean, logvar = pipe._encode_fn(pipe.vae_params, jnp.asarray(x[i:i + 8]))
+            means.append(np.asarray(vae_lib.scale_latents(mean, pipe.vae.config)))
+            # std scales with the latent: (z - shift) * s has std * s
+            stds.append(np.asarray(jnp.exp(0.5 * logvar)) * pipe.vae.config.scaling_factor)
+        return np.concatenate(means), np.concatenate(stds)
+
+    ref_mean, ref_std = posterior(data.references)
+    neg_mean, neg_std = posterior(data.negatives)
+    return {
+        "ref_mean": ref_mean, "ref_std": ref_std, "neg_mean": neg_mean, "neg_std": neg_std,
+        "ref_context": np.asarray(pipe.encode_prompts([data.reference_prompt]))[0],
+        "prompt_context": np.asarray(pipe.encode_prompts(data.prompts)),
+        "neg_prompt_index": data.negative_prompt_index.astype(np.int32),
+        "pref_prob": np.asarray(data.probabilities(), np.float32),
+    }
+
+
+def pair_indices(step: int, num_pairs: int, per_step: int, seed: int) -> np.ndarray:
+    """The pair numbers of ``step``: consecutive slices of a seeded permutation per epoch.
+
+    Derived from the step alone, so a resumed run sees exactly the pairs it would have seen.
+    """
+    out = []
+    position = step * per_step
+    while len(out) < per_step:
+        epoch, offset = divmod(position, num_pairs)
+        order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
+        take = min(per_step - len(out), num_pairs - offset)
+        out.extend(order[offset:offset + take])
+        position += take
+    return np.asarray(out, np.int32)
+
+
+# ---- the step ---------------------------------------------------------------------------------
+
+def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.ndarray, *,
+               apply_fn, alphas_cumprod, obj_cfg: objective.ObjectiveConfig,
+               tx: optax.GradientTransformation, term_grad_norms: bool,
+               batch_sharding: NamedSharding | None) -> tuple[TrainState, dict]:
+    """One optimizer update from ``pair_idx`` (grad_accum, B) pair numbers; pure and jittable."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    num_neg = cache["neg_mean"].shape[0]
+
+    def one(idx, micro_key):
+        ri, ni = idx // num_neg, idx % num_neg
+        k_ref, k_neg, k_loss = jax.random.split(micro_key, 3)
+        ref_mean, neg_mean = cache["ref_mean"][ri], cache["neg_mean"][ni]
+        batch = {
+            # a fresh sample of each image's VAE posterior, as DreamBooth-style trainers do
+            "ref_latents": ref_mean + cache["ref_std"][ri] * jax.random.normal(k_ref, ref_mean.shape),
+            "ref_context": jnp.broadcast_to(cache["ref_context"], (idx.shape[0],) + cache["ref_context"].shape),
+            "neg_latents": neg_mean + cache["neg_std"][ni] * jax.random.normal(k_neg, neg_mean.shape),
+            "neg_context": cache["prompt_context"][cache["neg_prompt_index"][ni]],
+            "pref_prob": cache["pref_prob"][ri, ni],
+        }
+        mesh = batch_sharding.mesh if batch_sharding is not None else None
+        if mesh is not None and idx.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0:
+            batch = {k: jax.lax.with_sharding_constraint(v, NamedSharding(
+                batch_sharding.mesh, PartitionSpec(("data", "fsdp"), *([None] * (v.ndim - 1)))))
+                for k, v in batch.items()}
+        _, metrics, grads = objective.loss_and_grads(
+            state.params, ref_params, batch, k_loss, apply_fn=apply_fn,
+            alphas_cumprod=alphas_cumprod, cfg=obj_cfg, term_grad_norms=term_grad_norms)
+        return grads, metrics
+
+    def micro(carry, inputs):
+        grads, metrics = one(*inputs)
+        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+    # Gradient accumulation: a scan over micro-batches summing into one grads-sized carry (no
+    # optimizer-state-sized buffer lives between steps).
+    n = pair_idx.shape[0]
+    keys = jax.random.split(key, n)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, pair_idx[0], keys[0]))
+    (grads, metrics), _ = jax.lax.scan(micro, zeros, (pair_idx, keys))
+    grads = jax.tree.map(lambda g: g / n, grads)
+    metrics = jax.tree.map(lambda m: m / n, metrics)  # per-term grad norms: micro-batch means
+    metrics["grad_norm"] = optax.global_norm(grads)  # of the accumulated gradient, before clipping
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["update_norm"] = optax.global_norm(updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+class Validator:
+    """Model selection (rpo-spec §4): ``num_images`` samples per training prompt with the current
+    UNet (DDIM + CFG, fixed noise so evaluations are comparable), scored with r_{λ_val} against
+    the references on identifier-stripped prompts; mean over images, then over prompts."""
+
+    def __init__(self, config, pipe, encoder, data: preference.PreferenceData):
+        e = config.eval
+        self.pipe, self.encoder = pipe, encoder
+        self.prompts = list(data.prompts)
+        self.lam = reward_lib.check_lambda(config.reward.lambda_val, "reward.lambda_val")
+        self.n = e.num_images
+        self.guidance_scale = e.guidance_scale
+        self.sampler = pipe.sampler(e.num_inference_steps, 0.0, e.guidance_scale > 1.0)
+        prompts = [p for p in self.prompts for _ in range(self.n)]
+        self.cond = pipe.encode_prompts(prompts)
+        self.uncond = pipe.encode_prompts([config.negatives.negative_prompt] * len(prompts))
+        key = jax.random.PRNGKey(e.seed)
+        shape = pipe.initial_latents(key, 1, data.references.shape[1], data.references.shape[2]).shape[1:]
+        self.latents = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape)
+                                  for i in range(len(prompts))])
+        self.ref_embeds = encoder.embed_images(data.references)
+        self.text_embeds = encoder.embed_texts([reward_lib.strip_identifier(p) for p in prompts])
+
+    def __call__(self, params) -> tuple[float, list[float], np.ndarray]:
+        """(mean reward, per-prompt rewards, uint8 images (P·n, H, W, 3))."""
+        from rpo_jax.sampling import to_uint8
+
+        z = self.sampler(params, self.latents, self.cond, self.uncond, self.guidance_scale)
+        images = to_uint8(self.pipe.decode_latents(z))
+        r = reward_lib.lambda_harmonic_reward(self.encoder.embed_images(images), self.ref_embeds,
+                                              self.text_embeds, self.lam)
+        per_prompt = np.asarray(r).reshape(len(self.prompts), self.n).mean(axis=1)
+        return float(per_prompt.mean()), [float(x) for x in per_prompt], images
+
+
+# ---- logging ----------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) + TensorBoard scalars and images."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        self.path = workdir / "metrics.jsonl"
+        if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # TensorBoard is optional
+            self.tb = None
+
+    def write(self, step: int, values: dict, prefix: str = "train") -> None:
+        record = {"step": int(step), "kind": prefix, **{k: _py(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0:
+                    self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+
+    def image(self, step: int, tag: str, grid: np.ndarray) -> None:
+        if self.tb is not None:
+            self.tb.add_image(tag, grid, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _py(v):
+    if isinstance(v, (list, tuple)):
+        return [_py(x) for x in v]
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def _managers(workdir: Path):
+    opts = lambda keep: ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return (ocp.CheckpointManager(workdir / "checkpoints", options=opts(2)),
+            ocp.CheckpointManager(workdir / "best", options=opts(1)))
+
+
+def load_best_params(workdir: str | os.PathLike, abstract_params: Any) -> tuple[Any, dict]:
+    """The best UNet params of a finished (or running) workdir, and their meta (step, reward)."""
+    workdir = Path(workdir).absolute()
+    _, best = _managers(workdir)
+    step = best.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir / 'best'} holds no checkpoint: the run has not finished "
+                                "a validation yet")
+    restored = best.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    return restored.params, restored.meta
+
+
+# ---- the job --------------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Run (or resume) RPO for ``config`` in ``workdir``; returns the summary dict."""
+    from rpo_jax import encoders
+    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.weights import io
+
+    t_start = time.perf_counter()
+    check_config(config)
+    workdir = Path(workdir).absolute()
+    config_json = config_lib.to_json_dict(config)
+    pretrained, reward_dir, _ = preference.resolve_paths(config, workdir)
+    if (workdir / "config.json").is_file():
+        diff = _config_diff(json.loads((workdir / "config.json").read_text()), config_json)
+        if diff:
+            raise ValueError(f"{workdir} holds a run with a different config (keys {diff}); "
+                             "resume with the same config or use a new --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    io.write_json(config_json, workdir / "config.json")
+
+    # 1-2. preference data and caches
+    preference.prepare_preference_data(config, workdir, progress=progress)
+    data = preference.PreferenceData.load(workdir)
+    t = config.train
+    pipe = load_pipeline(pretrained, dtype=jnp.dtype(config.dtype),
+                         attention_impl=config.attention_impl, remat=t.remat)
+    encoder = encoders.load_dual_encoder(reward_dir)
+    cache = build_cache(pipe, data)
+
+    # 3. mesh, shardings, state
+    mesh = partitioning.make_mesh(tuple(config.mesh))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config))
+    param_shardings = partitioning.param_shardings(abstract, mesh)
+    params = jax.device_put(pipe.unet_params, param_shardings)
+    ref_dtype = jnp.dtype(t.ref_params_dtype)
+    ref_params = jax.device_put(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), pipe.unet_params),
+                                param_shardings)
+    tx = make_optimizer(config)
+    opt_state = init_opt_state(tx, params, param_shardings, replicated)
+    state = TrainState(step=jax.device_put(jnp.int32(0), replicated), params=params,
+                       opt_state=opt_state,
+                       rng=jax.device_put(jax.random.key_data(jax.random.PRNGKey(t.seed)), replicated))
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    cache = jax.device_put(cache, replicated)
+
+    ckpt, best_ckpt = _managers(workdir)
+    meta = {"best_reward": None, "best_step": None, "evals": [], "evals_since_best": 0}
+    if ckpt.latest_step() is not None:
+        abstract_state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        restored = ckpt.restore(ckpt.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state, meta = restored.state, restored.meta
+        print(f"[train] resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
+    start_step = int(state.step)
+
+    # 4. the compiled step
+    per_step = t.batch_size * t.grad_accum
+    step_fn = jax.jit(
+        functools.partial(train_step, apply_fn=lambda p, x, ts, c: pipe.unet.apply({"params": p}, x, ts, c),
+                          alphas_cumprod=jnp.asarray(pipe.schedule.alphas_cumprod),
+                          obj_cfg=objective_config(config, pipe.schedule.prediction_type,
+                                                           pipe.schedule.num_train_timesteps), tx=tx,
+                          term_grad_norms=t.term_grad_norms,
+                          batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp")))),
+        in_shardings=(state_shardings, param_shardings, jax.tree.map(lambda _: replicated, cache), replicated),
+        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    shape_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
+        compiled = step_fn.lower(jax.tree.map(shape_of, state), jax.tree.map(shape_of, ref_params),
+                                 jax.tree.map(shape_of, cache),
+                                 jax.ShapeDtypeStruct((t.grad_accum, t.batch_size), jnp.int32,
+                                                      sharding=replicated)).compile()
+    compile_seconds = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops_per_step = float((cost or {}).get("flops", 0.0))
+    print(f"[train] step compiled in {compile_seconds:.1f}s ({flops_per_step / 1e9:.2f} GFLOP/step "
+          f"per device by XLA's count); {data.num_pairs} pairs, {per_step} per step; mesh {dict(mesh.shape)}")
+
+    # 5-7. loop with validation and checkpoints
+    log = MetricsLog(workdir, start_step)
+    validator = Validator(config, pipe, encoder, data)
+    (workdir / "samples").mkdir(exist_ok=True)
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    def evaluate(step: int) -> None:
+        t_eval = time.perf_counter()
+        mean, per_prompt, images = validator(state.params)
+        grid_path = workdir / "samples" / f"step_{step:06d}.png"
+        images_lib.save_grid(images, grid_path, rows=len(validator.prompts), labels=validator.prompts)
+        log.image(step, "val/samples", np.asarray(images_lib.load_image(grid_path)))
+        record = {"reward": mean, "per_prompt": per_prompt, "seconds": time.perf_counter() - t_eval}
+        log.write(step, record, "val")
+        meta["evals"].append({"step": step, "reward": mean})
+        if step > 0 and (meta["best_reward"] is None or mean > meta["best_reward"]):
+            meta.update(best_reward=mean, best_step=step, evals_since_best=0)
+            best_ckpt.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                meta=ocp.args.JsonSave({"step": step, "reward": mean, "lambda_val": validator.lam})))
+            best_ckpt.wait_until_finished()
+        elif step > 0:
+            meta["evals_since_best"] += 1
+        if progress:
+            print(f"[eval] step {step}: validation reward r_λ={validator.lam} {mean:.4f} "
+                  f"(best {meta['best_reward']:.4f} at step {meta['best_step']})"
+                  if meta["best_reward"] is not None else f"[eval] step {step}: base model {mean:.4f}")
+
+    def save(step: int) -> None:
+        if ckpt.latest_step() == step:  # already saved (e.g. SIGTERM right after a validation)
+            return
+        ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave(meta)))
+
+    if start_step == 0 and not meta["evals"]:
+        evaluate(0)  # the base model's validation reward: the baseline of model selection
+    from tqdm.auto import tqdm
+    bar = tqdm(total=t.max_steps, initial=start_step, desc="rpo", unit="step", disable=not progress)
+    step_times: list[float] = []
+    step = start_step
+    try:
+        while step < t.max_steps and stop["signal"] is None:
+            idx = pair_indices(step, data.num_pairs, per_step, t.seed).reshape(t.grad_accum, t.batch_size)
+            t_step = time.perf_counter()
+            state, metrics = compiled(state, ref_params, cache, jax.device_put(idx, replicated))
+            step += 1
+            if step % t.log_every == 0 or step == t.max_steps:
+                metrics = jax.device_get(metrics)
+                dt = time.perf_counter() - t_step
+                step_times.append(dt)
+                log.write(step, {**metrics, "step_seconds": dt,
+                                 "images_per_second": 2 * per_step / dt})
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
+            bar.update(1)
+            if step % config.eval.every == 0 or step == t.max_steps:
+                evaluate(step)
+                save(step)
+                patience = config.eval.early_stop_patience
+                if patience and meta["evals_since_best"] >= patience:
+                    print(f"[train] early stop at step {step}: no better validation reward in "
+                          f"{patience} evaluations")
+                    break
+            elif step % t.checkpoint_every == 0:
+                save(step)
+        if stop["signal"] is not None:
+            save(step)
+            print(f"[train] SIGTERM: saved step {step} to {workdir / 'checkpoints'}; re-run the same "
+                  "command to resume")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+        ckpt.wait_until_finished()
+        log.close()
+
+    median_step = float(np.median(step_times[1:] or step_times)) if step_times else float("nan")
+    summary = {
+        "best_step": meta["best_step"], "best_reward": meta["best_reward"],
+        "lambda_val": validator.lam, "evals": meta["evals"], "final_step": step,
+        "interrupted": stop["signal"] is not None,
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "compile_seconds": round(compile_seconds, 2),
+        "median_step_seconds": median_step,
+        "images_per_second": 2 * per_step / median_step if step_times else None,
+        "tflops_per_device": flops_per_step / median_step / 1e12 if step_times else None,
+        "devices": jax.device_count(), "mesh": dict(mesh.shape),
+    }
+    io.write_json(summary, workdir / "summary.json")
+    if progress:
+        print(f"[train] done: best validation reward {summary['best_reward']} at step "
+              f"{summary['best_step']}; {summary['wall_seconds']}s wall, median step "
+              f"{median_step * 1e3:.0f} ms, {summary['images_per_second'] or 0:.1f} images/s, "
+              f"{(summary['tflops_per_device'] or 0):.4f} TFLOP/s per device; outputs in {workdir}")
+    return summary
