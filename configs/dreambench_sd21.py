@@ -54,6 +54,7 @@ def get_config(arg=None):
     c.dtype = "float32"                         # the paper's precision; bfloat16 for speed
     c.attention_impl = "auto"
     c.mesh = (-1, 1, 1)                         # data parallel over all devices; e.g. (1, -1, 1) for FSDP
+    c.logical_axis_rules = ()                   # extra (logical, mesh axes) rules, before the defaults
     c.negatives = ml_collections.ConfigDict(dict(
         k=4, seed=0, num_inference_steps=50, guidance_scale=7.5, negative_prompt="", batch_size=8))
     c.reward = ml_collections.ConfigDict(dict(lambda_train=0.0, lambda_val=float(a.lambda_val)))

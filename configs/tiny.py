@@ -35,6 +35,8 @@ def get_config(arg=None):
     c.dtype = "float32"                       # activation dtype: float32 | bfloat16
     c.attention_impl = "auto"                 # auto | einsum | blocked
     c.mesh = (-1, 1, 1)                       # (data, fsdp, tensor); -1 fills with the devices left
+    c.logical_axis_rules = ()                 # ((logical, mesh axes), ...) before the defaults in
+                                              # rpo_jax/partitioning.py, e.g. (("heads", "fsdp"),)
     c.negatives = ml_collections.ConfigDict(dict(
         k=2,                                  # images per training prompt (paper: 4; authors' code: 16)
         seed=0,

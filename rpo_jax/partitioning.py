@@ -43,6 +43,26 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def rules_from_config(rules: Sequence[Sequence[Any]] | None, key: str = "logical_axis_rules"
+                      ) -> tuple[tuple[str, Any], ...]:
+    """Config rules ``((logical_name, mesh_axes), ...)`` placed before :data:`DEFAULT_RULES`
+    (Flax uses the first rule that names an axis, so these override the defaults).
+
+    ``mesh_axes`` is None, one of 'data' / 'fsdp' / 'tensor', or a tuple of them. Empty: defaults.
+    """
+    out = []
+    for i, rule in enumerate(rules or ()):
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ValueError(f"{key}[{i}] must be (logical_name, mesh_axes), got {rule!r}")
+        name, axes = rule
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        bad = [a for a in names if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"{key}[{i}]: unknown mesh axes {bad}; the mesh has {list(MESH_AXES)}")
+        out.append((name, axes if isinstance(axes, str) or axes is None else tuple(axes)))
+    return tuple(out) + DEFAULT_RULES
+
+
 def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh. ``shape`` may hold one -1 (fill with the rest).
 

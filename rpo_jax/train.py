@@ -328,6 +328,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
 
     t_start = time.perf_counter()
     check_config(config)
+    partitioning.rules_from_config(config.logical_axis_rules)  # fail early on bad rules
     workdir = Path(workdir).absolute()
     config_json = config_lib.to_json_dict(config)
     pretrained, reward_dir, _ = preference.resolve_paths(config, workdir)
@@ -352,7 +353,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     mesh = partitioning.make_mesh(tuple(config.mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config))
-    param_shardings = partitioning.param_shardings(abstract, mesh)
+    rules = partitioning.rules_from_config(config.logical_axis_rules)
+    param_shardings = partitioning.param_shardings(abstract, mesh, rules)
     params = jax.device_put(pipe.unet_params, param_shardings)
     ref_dtype = jnp.dtype(t.ref_params_dtype)
     ref_params = jax.device_put(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), pipe.unet_params),
@@ -389,7 +391,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     shape_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compiled = step_fn.lower(jax.tree.map(shape_of, state), jax.tree.map(shape_of, ref_params),
                                  jax.tree.map(shape_of, cache),
                                  jax.ShapeDtypeStruct((t.grad_accum, t.batch_size), jnp.int32,
@@ -433,6 +435,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     def save(step: int) -> None:
         if ckpt.latest_step() == step:  # already saved (e.g. SIGTERM right after a validation)
             return
+        # The data position is a function of the step (see pair_indices); recorded for readers.
+        meta["data_position"] = {"pairs_seen": step * per_step, "num_pairs": data.num_pairs,
+                                 "epoch": step * per_step // data.num_pairs}
         ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                 meta=ocp.args.JsonSave(meta)))
 

@@ -86,3 +86,20 @@ def test_make_mesh_validates_shape():
     assert partitioning.make_mesh((1, 1, 1)).devices.size == 1  # the first device
     with pytest.raises(ValueError, match="3 entries"):
         partitioning.make_mesh((8,))
+
+
+def test_rules_from_config_override_defaults_and_are_checked():
+    rules = partitioning.rules_from_config([("heads", "fsdp"), ("mlp", ["fsdp", "tensor"])])
+    assert rules[0] == ("heads", "fsdp") and rules[1] == ("mlp", ("fsdp", "tensor"))
+    assert rules[2:] == partitioning.DEFAULT_RULES
+    mesh = partitioning.make_mesh((1, 8, 1))
+    module, inputs = _models()["unet"]
+    shardings = partitioning.param_shardings(base.abstract_params(module, *inputs), mesh, rules)
+    to_q = shardings["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+    # Rules apply in order: the config's 'heads' → fsdp claims the axis before the default 'embed' → fsdp.
+    assert to_q.spec == PartitionSpec(None, "fsdp")
+    assert partitioning.rules_from_config(()) == partitioning.DEFAULT_RULES
+    with pytest.raises(ValueError, match=r"logical_axis_rules\[0\]: unknown mesh axes \['model'\]"):
+        partitioning.rules_from_config([("heads", "model")])
+    with pytest.raises(ValueError, match=r"logical_axis_rules\[0\] must be"):
+        partitioning.rules_from_config(["heads"])
