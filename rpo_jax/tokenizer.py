@@ -66,7 +66,7 @@ from __future__ import annotations
 import json
 import os
 import unicodedata
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import regex
@@ -194,6 +194,54 @@ def _load_merges(path: str) -> list[tuple[str, str]]:
                 raise TokenizerFileError(f"{path}:{lineno}: expected a merge 'a b', got {line!r}")
             merges.append((parts[0], parts[1]))
     return merges
+
+
+def batch_encode(texts: str | Sequence[str], token_ids: Callable[[str], list[int]], *, first_id: int,
+                 last_id: int, pad_id: int, max_length: int, padding: bool | str, truncation: bool,
+                 overlong: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[first] + token_ids(text) + [last]``, truncated and right-padded like transformers.
+
+    Shared by the CLIP BPE and the BERT WordPiece tokenizers. ``padding``: ``"max_length"``,
+    ``"longest"`` / ``True`` or ``False`` / ``"do_not_pad"`` (rows must then be equally long).
+    ``truncation`` keeps ``first``, the first ``max_length - 2`` tokens and ``last``. Without it a
+    row longer than ``max_length`` (with ``padding="max_length"``) raises (``overlong="raise"``)
+    or widens the batch to the longest row (``overlong="extend"``, as ``AlignProcessor`` returns).
+    Returns (input_ids, attention_mask), int32 (N, L).
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2 (room for the two special tokens), "
+                         f"got {max_length!r}")
+    if padding is True:
+        padding = "longest"
+    elif padding is False:
+        padding = "do_not_pad"
+    if padding not in ("max_length", "longest", "do_not_pad"):
+        raise ValueError(f"padding must be 'max_length', 'longest', True or False, got {padding!r}")
+    rows = []
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"expected str, got {type(t).__name__}")
+        toks = token_ids(t)
+        if truncation and len(toks) > max_length - 2:
+            toks = toks[: max_length - 2]
+        row = [first_id, *toks, last_id]
+        if len(row) > max_length and padding == "max_length" and overlong == "raise":
+            raise ValueError(f"{len(row)} tokens > max_length={max_length} with truncation=False: {t[:60]!r}")
+        rows.append(row)
+    if padding == "max_length":
+        length = max([int(max_length)] + [len(r) for r in rows])
+    else:
+        length = max((len(r) for r in rows), default=0)
+        if padding == "do_not_pad" and any(len(r) != length for r in rows):
+            raise ValueError("padding=False needs rows of equal length; use padding='longest' or 'max_length'")
+    input_ids = np.full((len(rows), length), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((len(rows), length), dtype=np.int32)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
 
 
 class CLIPTokenizer:
@@ -617,42 +665,13 @@ class CLIPTokenizer:
             for ``padding="max_length"``; N = 1 for a single string. Padding (right side) uses
             ``pad_token_id`` with attention mask 0.
         """
-        if isinstance(texts, str):
-            texts = [texts]
         if max_length is None:
             max_length = self.model_max_length
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (room for bos and eos), got {max_length}")
-        if padding is True:
-            padding = "longest"
-        elif padding is False:
-            padding = "do_not_pad"
-        if padding not in ("max_length", "longest", "do_not_pad"):
-            raise ValueError(f"padding must be 'max_length', 'longest', True or False, got {padding!r}")
-        rows = []
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"expected str, got {type(t).__name__}")
-            toks = self._tokens_ids(t)
-            if truncation and len(toks) > max_length - 2:
-                toks = toks[: max_length - 2]
-            row = [self.bos_token_id, *toks, self.eos_token_id]
-            if len(row) > max_length and padding == "max_length":
-                raise ValueError(f"{len(row)} tokens > max_length={max_length} with truncation=False: {t[:60]!r}")
-            rows.append(row)
-        n = len(rows)
-        if padding == "max_length":
-            length = max_length
-        else:
-            length = max((len(r) for r in rows), default=0)
-            if padding == "do_not_pad" and any(len(r) != length for r in rows):
-                raise ValueError("padding=False needs rows of equal length; use padding='longest' or 'max_length'")
         pad = self.pad_token_id if self.pad_token_id is not None else self.eos_token_id
-        input_ids = np.full((n, length), pad, dtype=np.int32)
-        attention_mask = np.zeros((n, length), dtype=np.int32)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = row
-            attention_mask[i, : len(row)] = 1
+        input_ids, attention_mask = batch_encode(
+            texts, self._tokens_ids, first_id=self.bos_token_id, last_id=self.eos_token_id,
+            pad_id=pad, max_length=max_length, padding=padding, truncation=truncation,
+            overlong="raise")
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     # ------------------------------------------------------------------ decoding

@@ -75,7 +75,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 # Shared with the CLIP tokenizer: file reading, special-token specs, Rust-style lowercasing.
-from rpo_jax.tokenizer import TokenizerFileError, _lowercase, _read_json, _token_spec
+from rpo_jax.tokenizer import TokenizerFileError, _lowercase, _read_json, _token_spec, batch_encode
 
 __all__ = ["BertTokenizer", "TokenizerFileError", "build_vocab", "write_vocab", "read_vocab",
            "basic_tokenize", "ALIGN_MAX_LENGTH", "SPECIAL_TOKENS"]
@@ -772,41 +772,15 @@ class BertTokenizer:
             ``{"input_ids", "attention_mask", "token_type_ids"}``, each np.int32 (N, L); padding
             (right side) uses ``pad_token_id`` with attention mask 0; token type ids are 0.
         """
-        if isinstance(texts, str):
-            texts = [texts]
         if max_length is None:
             max_length = ALIGN_MAX_LENGTH
-        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
-            raise ValueError(f"max_length must be an integer >= 2 (room for [CLS] and [SEP]), got {max_length!r}")
-        if padding is True:
-            padding = "longest"
-        elif padding is False:
-            padding = "do_not_pad"
-        if padding not in ("max_length", "longest", "do_not_pad"):
-            raise ValueError(f"padding must be 'max_length', 'longest', True or False, got {padding!r}")
-        rows = []
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"expected str, got {type(t).__name__}")
-            toks = self._token_ids(t)
-            if truncation and len(toks) > max_length - 2:
-                toks = toks[: max_length - 2]
-            rows.append([self.cls_token_id, *toks, self.sep_token_id])
-        if padding == "max_length":
-            length = max([int(max_length)] + [len(r) for r in rows])
-        else:
-            length = max((len(r) for r in rows), default=0)
-            if padding == "do_not_pad" and any(len(r) != length for r in rows):
-                raise ValueError("padding=False needs rows of equal length; use padding='longest' or 'max_length'")
-        n = len(rows)
         pad = self.pad_token_id if self.pad_token_id is not None else 0
-        input_ids = np.full((n, length), pad, dtype=np.int32)
-        attention_mask = np.zeros((n, length), dtype=np.int32)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = row
-            attention_mask[i, : len(row)] = 1
+        input_ids, attention_mask = batch_encode(
+            texts, self._token_ids, first_id=self.cls_token_id, last_id=self.sep_token_id,
+            pad_id=pad, max_length=max_length, padding=padding, truncation=truncation,
+            overlong="extend")
         return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "token_type_ids": np.zeros((n, length), dtype=np.int32)}
+                "token_type_ids": np.zeros_like(input_ids)}
 
     # ------------------------------------------------------------------ decoding
 
