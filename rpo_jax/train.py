@@ -339,6 +339,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                              "resume with the same config or use a new --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     io.write_json(config_json, workdir / "config.json")
+    ckpt, best_ckpt = _managers(workdir)
+    if (ckpt.latest_step() or 0) >= config.train.max_steps and (workdir / "summary.json").is_file():
+        summary = json.loads((workdir / "summary.json").read_text())
+        print(f"[train] {workdir} already finished at step {ckpt.latest_step()} (best validation "
+              f"reward {summary['best_reward']} at step {summary['best_step']}); raise "
+              "--config.train.max_steps to train further")
+        return summary
 
     # 1-2. preference data and caches
     preference.prepare_preference_data(config, workdir, progress=progress)
@@ -367,7 +374,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     cache = jax.device_put(cache, replicated)
 
-    ckpt, best_ckpt = _managers(workdir)
     meta = {"best_reward": None, "best_step": None, "evals": [], "evals_since_best": 0}
     if ckpt.latest_step() is not None:
         abstract_state = jax.tree.map(

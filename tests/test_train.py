@@ -145,3 +145,11 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "SIGTERM: saved step" in out
     step, _ = _latest_params(tmp_path)
     assert 1 <= step < 50
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(run, capsys):
+    workdir, summary = run
+    before = (workdir / "summary.json").read_text()
+    assert main(["train", "--config", CONFIG, "--workdir", str(workdir)] + OVERRIDES) == 0
+    assert "already finished at step 4" in capsys.readouterr().out
+    assert (workdir / "summary.json").read_text() == before
