@@ -1,11 +1,13 @@
 """The ``rpo-jax`` command line.
 
-  rpo-jax demo            the default job (for now: build a random tiny pipeline and sample from it)
-  rpo-jax sample          text → PNGs with a diffusers-format Stable Diffusion folder
-  rpo-jax export          re-write a pipeline folder as diffusers safetensors (optionally fp16)
-  rpo-jax tiny-pipeline   write a random tiny SD pipeline in the diffusers layout
-  rpo-jax negatives       RPO preference data: sample negatives, score them, write the manifest
   rpo-jax train           RPO end to end: negatives, training, validation-based model selection
+                          (the default job: --config configs/tiny.py --workdir runs/tiny)
+  rpo-jax negatives       RPO preference data: sample negatives, score them, write the manifest
+  rpo-jax export          a training run's best UNet (--workdir), or a pipeline folder
+                          (--pretrained), as a diffusers folder with safetensors
+  rpo-jax sample          text → PNGs with a diffusers-format Stable Diffusion folder
+  rpo-jax tiny-pipeline   write a random tiny SD pipeline in the diffusers layout
+  rpo-jax demo            sampling smoke test: a random tiny pipeline → PNGs
 
 Commands that take ``--config FILE.py[:ARG]`` also take overrides ``--config.KEY=VALUE``.
 
@@ -160,11 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="the default job: sample from a random tiny pipeline",
+    p = sub.add_parser("demo", help="sampling smoke test: a random tiny pipeline → PNGs",
                        description="Build a random tiny SD-2.1-shaped pipeline in WORKDIR (once) "
-                       "and sample two prompts from it into WORKDIR/samples. Until the toy world "
-                       "ships, this exercises the whole loading, text-encoding, DDIM+CFG and "
-                       "VAE-decoding path on a CPU in seconds.")
+                       "and sample two prompts from it into WORKDIR/samples: the whole loading, "
+                       "text-encoding, DDIM+CFG and VAE-decoding path on a CPU in seconds.")
     p.add_argument("--workdir", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.set_defaults(func=_demo)
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("export", help="write a pipeline as a diffusers folder with safetensors",
+    p = sub.add_parser("export", help="a run's best UNet or a pipeline → diffusers folder",
                        description="Write a diffusers folder with .safetensors weights that "
                        "diffusers.StableDiffusionPipeline.from_pretrained loads: either a pipeline "
                        "folder re-written (--pretrained; e.g. to convert .bin checkpoints or store "
