@@ -201,9 +201,11 @@ class AlignTextSelfAttention(nn.Module):
         return out.reshape(out.shape[0], out.shape[1], width)
 
 
-class AlignTextSelfOutput(nn.Module):
-    """``LayerNorm(dense(h) + residual)`` (used after attention)."""
+class AlignTextDenseResidualNorm(nn.Module):
+    """``LayerNorm(dense(h) + residual)``: transformers' ``AlignTextSelfOutput`` (after attention,
+    ``in_axis='heads'``) and ``AlignTextOutput`` (after the MLP, ``in_axis='mlp'``)."""
     config: AlignTextConfig
+    in_axis: str
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -211,7 +213,7 @@ class AlignTextSelfOutput(nn.Module):
     def __call__(self, h: jnp.ndarray, residual: jnp.ndarray) -> jnp.ndarray:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layers.dense(cfg.hidden_size, ("heads", "embed"), name="dense", **kw)(h)
+        h = layers.dense(cfg.hidden_size, (self.in_axis, "embed"), name="dense", **kw)(h)
         return layers.layer_norm(cfg.layer_norm_eps, name="LayerNorm", **kw)(h + residual)
 
 
@@ -224,7 +226,7 @@ class AlignTextAttention(nn.Module):
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = AlignTextSelfAttention(self.config, name="self", **kw)(x, mask)
-        return AlignTextSelfOutput(self.config, name="output", **kw)(h, x)
+        return AlignTextDenseResidualNorm(self.config, "heads", name="output", **kw)(h, x)
 
 
 class AlignTextIntermediate(nn.Module):
@@ -240,20 +242,6 @@ class AlignTextIntermediate(nn.Module):
         return layers.activation(cfg.hidden_act)(x)
 
 
-class AlignTextOutput(nn.Module):
-    """``LayerNorm(dense(h) + residual)`` (used after the intermediate MLP layer)."""
-    config: AlignTextConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, h: jnp.ndarray, residual: jnp.ndarray) -> jnp.ndarray:
-        cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="dense", **kw)(h)
-        return layers.layer_norm(cfg.layer_norm_eps, name="LayerNorm", **kw)(h + residual)
-
-
 class AlignTextLayer(nn.Module):
     """Post-LN BERT layer: a = LN(x + attn(x)); LN(a + mlp(a))."""
     config: AlignTextConfig
@@ -265,7 +253,7 @@ class AlignTextLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         a = AlignTextAttention(self.config, name="attention", **kw)(x, mask)
         h = AlignTextIntermediate(self.config, name="intermediate", **kw)(a)
-        return AlignTextOutput(self.config, name="output", **kw)(h, a)
+        return AlignTextDenseResidualNorm(self.config, "mlp", name="output", **kw)(h, a)
 
 
 class AlignTextEncoder(nn.Module):
