@@ -376,8 +376,13 @@ def resolve_paths(config, workdir: str | os.PathLike) -> tuple[Path, Path, Path]
             tiny.resolve_path(config.subject.reference_dir, assets, "subject.reference_dir"))
 
 
-def prepare_preference_data(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
-    """The `rpo-jax negatives` job: resolve models and photos, sample, score, write the manifest."""
+def prepare_preference_data(config, workdir: str | os.PathLike, progress: bool = True, *,
+                            pipe=None, encoder: DualEncoderLike | None = None) -> dict:
+    """The `rpo-jax negatives` job: resolve models and photos, sample, score, write the manifest.
+
+    ``pipe`` / ``encoder``: the config's base pipeline and reward model when the caller has
+    already loaded them (training does), so they are not read twice.
+    """
     from rpo_jax import encoders
     from rpo_jax.pipeline import load_pipeline
 
@@ -387,8 +392,11 @@ def prepare_preference_data(config, workdir: str | os.PathLike, progress: bool =
     subject = Subject(config.subject.name, config.subject.class_noun, bool(config.subject.live),
                       reference_dir, config.subject.identifier)
     mesh = partitioning.make_mesh(tuple(config.mesh))
-    pipe = load_pipeline(pretrained, dtype=jnp.dtype(config.dtype), attention_impl=config.attention_impl)
-    encoder = encoders.load_dual_encoder(reward_dir)
+    if pipe is None:
+        pipe = load_pipeline(pretrained, dtype=jnp.dtype(config.dtype),
+                             attention_impl=config.attention_impl)
+    if encoder is None:
+        encoder = encoders.load_dual_encoder(reward_dir)
     identity = {"pretrained": [str(pretrained), folder_fingerprint(pretrained)],
                 "reward_model": [str(reward_dir), folder_fingerprint(reward_dir)]}
     return generate_negatives(pipe, encoder, subject, workdir, negatives_settings(config),

@@ -347,13 +347,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
               "--config.train.max_steps to train further")
         return summary
 
-    # 1-2. preference data and caches
-    preference.prepare_preference_data(config, workdir, progress=progress)
-    data = preference.PreferenceData.load(workdir)
+    # 1-2. preference data and caches (remat changes the backward pass only, so the same
+    # pipeline samples the negatives)
     t = config.train
     pipe = load_pipeline(pretrained, dtype=jnp.dtype(config.dtype),
                          attention_impl=config.attention_impl, remat=t.remat)
     encoder = encoders.load_dual_encoder(reward_dir)
+    preference.prepare_preference_data(config, workdir, progress=progress, pipe=pipe, encoder=encoder)
+    data = preference.PreferenceData.load(workdir)
     cache = build_cache(pipe, data)
 
     # 3. mesh, shardings, state
