@@ -202,13 +202,15 @@ def _tiny_makers() -> dict:
         "tiny:subject": make_tiny_subject,
         "tiny:align": tiny_encoders.make_tiny_align,
         "tiny:clip": tiny_encoders.make_tiny_clip,
+        "tiny:dino": tiny_encoders.make_tiny_dino,
     }
 
 
 def resolve_path(spec: str, assets_dir: str | os.PathLike, key: str) -> Path:
     """A config path field → an existing folder.
 
-    ``tiny:NAME`` (``tiny:sd21``, ``tiny:sd15``, ``tiny:align``, ``tiny:clip``, ``tiny:subject``)
+    ``tiny:NAME`` (``tiny:sd21``, ``tiny:sd15``, ``tiny:align``, ``tiny:clip``, ``tiny:dino``,
+    ``tiny:subject``)
     makes a random tiny model (or the synthetic subject's photos) once under ``assets_dir`` and
     returns it; anything else must be an existing folder. Errors name the config ``key``.
     """

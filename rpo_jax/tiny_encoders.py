@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rpo_jax import preference
-from rpo_jax.models import align, base, clip, efficientnet
+from rpo_jax.models import align, base, clip, efficientnet, vit
 from rpo_jax.tokenizer import CLIPTokenizer
 from rpo_jax.weights import io
 
@@ -122,4 +122,25 @@ def make_tiny_clip(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
     clip.save_clip(params, cfg, out)
     CLIPTokenizer.default().save_pretrained(out)
     clip.CLIPImagePreprocess.from_pretrained(out).save_pretrained(out)
+    return out
+
+
+def make_tiny_dino(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a random tiny DINO folder: a ViTModel (2 layers of width 32, 4 heads, 4 px patches at
+    32 px) with the pooler, as facebook/dino-vits16 has, and its ViTImageProcessor config
+    (bilinear resize to 32 x 32, ImageNet mean / std)."""
+    out = Path(out_dir)
+    cfg = {
+        "architectures": ["ViTModel"], "model_type": "vit", "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+        "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02, "layer_norm_eps": 1e-12, "image_size": IMAGE_SIZE,
+        "patch_size": 4, "num_channels": 3, "qkv_bias": True, "encoder_stride": 4,
+        "pooler_act": "tanh", "pooler_output_size": 32,
+    }
+    config = vit.ViTConfig.from_dict(cfg, "tiny dino config")
+    module = vit.ViTModel(config, add_pooling_layer=True)
+    params = base.random_params(base.abstract_params(module, *vit.init_inputs(config)), seed)
+    vit.save_vit(params, cfg, out)
+    vit.ViTImagePreprocess(size=(IMAGE_SIZE, IMAGE_SIZE)).save_pretrained(out)
     return out
