@@ -10,7 +10,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rpo_jax", "rpo_jax.*"]),
-    package_data={"rpo_jax": ["assets/*/*"]},
+    package_data={"rpo_jax": ["assets/*/*", "assets/toy/*/*", "assets/toy/*/*/*"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -26,6 +26,7 @@ setup(
         "tqdm",
         "absl-py",
         "tensorboardX",
+        "matplotlib",
     ],
     extras_require={
         # Reference implementations for parity tests. torch is pinned: on the project's machines

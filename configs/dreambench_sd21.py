@@ -21,22 +21,7 @@ A40). Not yet measured with rpo-jax: no SD 2.1 / ALIGN weights or accelerator he
 import ml_collections
 
 from rpo_jax.config import ConfigError, parse_arg
-
-# DreamBench subjects → (class noun, live). rpo-spec §5.
-SUBJECTS = {
-    "backpack": ("backpack", False), "backpack_dog": ("backpack", False),
-    "bear_plushie": ("stuffed animal", False), "berry_bowl": ("bowl", False),
-    "can": ("can", False), "candle": ("candle", False), "cat": ("cat", True),
-    "cat2": ("cat", True), "clock": ("clock", False), "colorful_sneaker": ("sneaker", False),
-    "dog": ("dog", True), "dog2": ("dog", True), "dog3": ("dog", True), "dog5": ("dog", True),
-    "dog6": ("dog", True), "dog7": ("dog", True), "dog8": ("dog", True),
-    "duck_toy": ("toy", False), "fancy_boot": ("boot", False),
-    "grey_sloth_plushie": ("stuffed animal", False), "monster_toy": ("toy", False),
-    "pink_sunglasses": ("glasses", False), "poop_emoji": ("toy", False), "rc_car": ("toy", False),
-    "red_cartoon": ("cartoon", False), "robot_toy": ("toy", False),
-    "shiny_sneaker": ("sneaker", False), "teapot": ("teapot", False), "vase": ("vase", False),
-    "wolf_plushie": ("stuffed animal", False),
-}
+from rpo_jax.dreambench import SUBJECTS  # DreamBench subjects → (class noun, live). rpo-spec §5.
 
 
 def get_config(arg=None):
@@ -49,7 +34,8 @@ def get_config(arg=None):
     c.reward_model = "align-base"               # transformers folder of kakaobrain/align-base
     c.subject = ml_collections.ConfigDict(dict(
         name=a.subject, class_noun=class_noun, live=live,
-        reference_dir=f"{a.dreambench}/{a.subject}", identifier="[V]"))
+        reference_dir=f"{a.dreambench}/{a.subject}", identifier="[V]",
+        prompts=(), reference_prompt=""))       # the paper's 8 prompts and "a photo of [V] cls"
     c.resolution = 512                          # the paper trains at 512 px
     c.dtype = "float32"                         # the paper's precision; bfloat16 for speed
     c.attention_impl = "auto"
@@ -68,4 +54,9 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(dict(
         every=40, num_images=4, num_inference_steps=50, guidance_scale=7.5, seed=1234,
         early_stop_patience=0))
+    c.test = ml_collections.ConfigDict(dict(    # DreamBench protocol: 25 prompts × 4 images
+        prompts=(), num_images=4, num_inference_steps=50, guidance_scale=7.5, seed=2024,
+        clip_model="clip-vit-base-patch16",      # transformers folder of openai/clip-vit-base-patch16
+        dino_model="dino-vits16",                # transformers folder of facebook/dino-vits16
+        oracle=""))
     return c

@@ -30,6 +30,9 @@ def get_config(arg=None):
         live=False,                           # object prompts (True: the live-subject prompts)
         reference_dir="tiny:subject",         # a folder of 3-6 photos
         identifier="[V]",
+        prompts=(),                           # training prompt templates ({identifier}, {cls});
+                                              # () → the paper's 8 for the subject kind
+        reference_prompt="",                  # "" → "a photo of {identifier} {cls}"
     ))
     c.resolution = 0                          # 0: the pipeline's default (32 px for tiny)
     c.dtype = "float32"                       # activation dtype: float32 | bfloat16
@@ -78,5 +81,16 @@ def get_config(arg=None):
         guidance_scale=7.5,
         seed=1234,                            # fixed validation noise
         early_stop_patience=0,                # evaluations without improvement before stopping; 0: off
+    ))
+    c.test = ml_collections.ConfigDict(dict(  # held-out evaluation (rpo-jax eval; DreamBench §5)
+        prompts=(),                           # templates; () → DreamBench's 25 for the subject kind
+        num_images=0,                         # per prompt (DreamBench: 4); 0: `rpo-jax train` skips
+                                              # the held-out evaluation (set it for `rpo-jax eval`)
+        num_inference_steps=10,               # DreamBench protocol: DDIM 50
+        guidance_scale=7.5,
+        seed=2024,
+        clip_model="tiny:clip",               # CLIP folder for CLIP-I / CLIP-T ("" skips them)
+        dino_model="tiny:dino",               # DINO ViT folder for DINO ("" skips it)
+        oracle="",                            # toy world only: the oracle judges' folder
     ))
     return c

@@ -1,13 +1,19 @@
 """The ``rpo-jax`` command line.
 
-  rpo-jax train           RPO end to end: negatives, training, validation-based model selection
-                          (the default job: --config configs/tiny.py --workdir runs/tiny)
+  rpo-jax train           RPO end to end: negatives, training, validation-based model selection,
+                          then base vs fine-tuned on held-out prompts (report.md, PNGs)
+                          (the default job: --config configs/toy.py --workdir runs/toy)
   rpo-jax negatives       RPO preference data: sample negatives, score them, write the manifest
   rpo-jax export          a training run's best UNet (--workdir), or a pipeline folder
                           (--pretrained), as a diffusers folder with safetensors
   rpo-jax sample          text → PNGs with a diffusers-format Stable Diffusion folder
   rpo-jax tiny-pipeline   write a random tiny SD pipeline in the diffusers layout
   rpo-jax demo            sampling smoke test: a random tiny pipeline → PNGs
+  rpo-jax eval            DreamBench metrics of a run's best UNet (or a base pipeline) on held-out
+                          prompts: scores.json and an image grid
+  rpo-jax dreambench      train + evaluate every DreamBench subject; the paper's table
+  rpo-jax toy pretrain    train the toy world's miniature SD, encoders and judges from scratch
+  rpo-jax toy experiment  the paper's ablation in miniature over seeds
 
 Commands that take ``--config FILE.py[:ARG]`` also take overrides ``--config.KEY=VALUE``.
 
@@ -154,7 +160,49 @@ def _train(args: argparse.Namespace) -> int:
 
     config = config_lib.resolve(args.config, args.overrides)
     summary = train_and_evaluate(config, args.workdir)
-    return 0 if not summary["interrupted"] else 143
+    if summary["interrupted"]:
+        return 143
+    if config.test.num_images > 0:  # base vs selected model on the held-out prompts
+        from rpo_jax.report import write_report
+        write_report(config, args.workdir)
+    return 0
+
+
+def _toy_pretrain(args: argparse.Namespace) -> int:
+    from rpo_jax.toy.pretrain import STAGES, pretrain
+
+    stages = tuple(args.stages.split(",")) if args.stages else STAGES
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"--stages: unknown {unknown}; known: {list(STAGES)}")
+    report = pretrain(args.out, scale=args.scale, seed=args.seed, stages=stages)
+    gate = report.get("gate", {}).get("accuracy")
+    print(f"toy models in {Path(args.out).absolute()}"
+          + (f"; quality gate (oracle accuracy on held-out prompts): {gate}" if gate else ""))
+    return 0
+
+
+def _toy_experiment(args: argparse.Namespace) -> int:
+    from rpo_jax import config as config_lib
+    from rpo_jax.toy.experiment import ARMS, run_experiment
+
+    config = config_lib.resolve(args.config, args.overrides)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = [a.strip() for a in args.arms.split(";")] if args.arms else list(ARMS)
+    run_experiment(config, args.workdir, seeds=seeds, arms=arms)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rpo_jax.evaluation import eval_command
+
+    return eval_command(args)
+
+
+def _dreambench(args: argparse.Namespace) -> int:
+    from rpo_jax.evaluation import dreambench_command
+
+    return dreambench_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,10 +277,93 @@ def build_parser() -> argparse.ArgumentParser:
                        "unchanged), the sharded jitted train step, validation every eval.every "
                        "steps with r_λval, the best UNet kept in WORKDIR/best, checkpoints in "
                        "WORKDIR/checkpoints. Re-running the same command resumes; SIGTERM saves "
-                       "and exits. Overrides: --config.KEY=VALUE, e.g. --config.train.max_steps=400.")
-    p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+                       "and exits. Then, when config.test.num_images > 0, the base and the selected "
+                       "model are evaluated on the held-out prompts (config.test): WORKDIR/report.md "
+                       "(summary table), comparison.png, curves.png. Overrides: --config.KEY=VALUE, "
+                       "e.g. --config.train.max_steps=400.")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/toy.py")
     p.add_argument("--workdir", required=True, help="the run's folder")
     p.set_defaults(func=_train, takes_overrides=True)
+
+    p = sub.add_parser("eval", help="DreamBench metrics of a run's best UNet (or a base pipeline)",
+                       description="Generate test.num_images images for each test prompt "
+                       "(DreamBench's 25 for the subject kind unless test.prompts is set; DDIM "
+                       "test.num_inference_steps, guidance test.guidance_scale) with the best UNet "
+                       "of WORKDIR, or with the base pipeline --pretrained, and score them: DINO "
+                       "(test.dino_model), CLIP-I and CLIP-T (test.clip_model; identifier-stripped "
+                       "prompts), and the λ-Harmonic reward at λ 0.3/0.5/0.7 and λ_val (the "
+                       "reward model). Image j of prompt i starts from noise fixed by (test.seed, "
+                       "i, j), so base and fine-tuned models see the same noise. Writes "
+                       "WORKDIR/eval/LABEL/scores.json and grid.png (replaced atomically). "
+                       "Overrides: --config.KEY=VALUE, e.g. --config.test.num_images=4.")
+    p.add_argument("--workdir", required=True,
+                   help="a training workdir (its best UNet, and its config.json unless --config); "
+                   "with --pretrained, where eval/base is written")
+    p.add_argument("--config", default=None,
+                   help="config file (default: the config WORKDIR/config.json saved by train)")
+    p.add_argument("--pretrained", default=None,
+                   help="evaluate this diffusers pipeline folder instead of the best UNet (the "
+                   "config still gives the subject and the test settings)")
+    p.add_argument("--label", default=None,
+                   help="output folder name under WORKDIR/eval (default: best, or base with "
+                   "--pretrained)")
+    p.set_defaults(func=_eval, takes_overrides=True)
+
+    p = sub.add_parser("dreambench", help="RPO on every DreamBench subject: train, eval, table",
+                       description="For each subject folder of --dataset (a DreamBench dataset/ "
+                       "folder: one folder of photos per subject, classes from its "
+                       "prompts_and_classes.txt or the built-in table): train RPO with the config "
+                       "in WORKDIR/subjects/NAME, then evaluate its best UNet as `rpo-jax eval` "
+                       "does. Subjects already evaluated are skipped, so re-running resumes. "
+                       "Finally writes WORKDIR/dreambench_table.md and dreambench_results.json "
+                       "(mean ± std over the finished subjects beside the paper's rows, and per "
+                       "subject). Several hosts split the subjects with --host-index/--host-count, "
+                       "each running its own subjects independently. Overrides: --config.KEY=VALUE.")
+    p.add_argument("--config", required=True,
+                   help="config file, e.g. configs/dreambench_sd21.py:lambda_val=0.5 (its subject "
+                   "fields are replaced per subject)")
+    p.add_argument("--workdir", required=True, help="the sweep's folder")
+    p.add_argument("--dataset", required=True,
+                   help="DreamBench dataset/ folder (or the dreambooth repository holding it)")
+    p.add_argument("--subjects", default=None,
+                   help="comma-separated subject names to run (default: every subject folder)")
+    p.add_argument("--host-index", type=int, default=0,
+                   help="this host's number, 0..host-count-1 (default 0)")
+    p.add_argument("--host-count", type=int, default=1,
+                   help="number of hosts splitting the subjects: host i takes the sorted "
+                   "subjects at positions i, i+n, ... (default 1)")
+    p.set_defaults(func=_dreambench, takes_overrides=True)
+    toy = sub.add_parser("toy", help="the toy world: pretrain its models, run the ablation",
+                         description="The toy world (rpo_jax/toy): a procedural world of coloured "
+                         "shapes in scenes, a miniature SD, tiny ALIGN/CLIP and oracle judges "
+                         "trained on it, and a toy subject. configs/toy.py runs RPO on it.")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    p = toy_sub.add_parser("pretrain", help="train the toy world's models from scratch",
+                           description="Train the oracle judges, the tiny CLIP (evaluation; its "
+                           "text tower is the pipeline's text encoder), the tiny ALIGN (reward), "
+                           "the VAE and UNet of the miniature SD, write the toy subject, and run "
+                           "the quality gate (oracle accuracy of base-model samples on held-out "
+                           "prompts). About an hour on 2 CPU cores at --scale 1. Stages are "
+                           "resumable: a re-run keeps finished ones. Use the result with "
+                           "RPO_JAX_TOY_ASSETS=OUT (the shipped models live in rpo_jax/assets/toy).")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every stage's step count (default 1; 0.05 for a smoke run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", default="",
+                   help="comma-separated subset of oracle,clip,align,pipeline,subject,gate")
+    p.set_defaults(func=_toy_pretrain)
+    p = toy_sub.add_parser("experiment", help="the paper's ablation in miniature, over seeds",
+                           description="Base model, L_sim only, L_pref only and RPO at λ_val "
+                           "0.3/0.5/0.7 on the toy subject, each over --seeds; writes "
+                           "WORKDIR/experiment.md (mean ± std), experiment.json, experiment.png. "
+                           "Finished runs are reused. Overrides: --config.KEY=VALUE apply to "
+                           "every arm.")
+    p.add_argument("--config", default="configs/toy.py", help="base config (default configs/toy.py)")
+    p.add_argument("--workdir", required=True, help="output folder")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--arms", default="", help="semicolon-separated subset of the arms (default all)")
+    p.set_defaults(func=_toy_experiment, takes_overrides=True)
     return parser
 
 

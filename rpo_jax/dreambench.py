@@ -318,7 +318,7 @@ def _subject_table(folder: Path) -> tuple[dict[str, tuple[str, bool]], tuple[str
     return table, tuple(object_prompts), tuple(live_prompts), str(prompts_file)
 
 
-def _scan_dreambench(root: str | os.PathLike, class_noun: Mapping[str, str] | None = None,
+def scan_dreambench(root: str | os.PathLike, class_noun: Mapping[str, str] | None = None,
                      subjects: Sequence[str] | None = None) -> tuple[Path, list[_SubjectFolder]]:
     """The ``dataset/`` folder and its subject folders (sorted), photos listed but not read."""
     folder = dataset_dir(root)
@@ -362,7 +362,7 @@ def read_dreambench(root: str | os.PathLike, class_noun: Mapping[str, str] | Non
     neither listed nor in ``class_noun`` (named), or a requested subject without a folder;
     :class:`rpo_jax.images.ImageError` naming the file for an unreadable photo.
     """
-    _, folders = _scan_dreambench(root, class_noun, subjects)
+    _, folders = scan_dreambench(root, class_noun, subjects)
     return [_load_record(f.name, f.class_noun, f.live, f.prompts, f.paths, size) for f in folders]
 
 
@@ -438,7 +438,7 @@ class DreamBench(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(Path(os.fspath(dl_manager.manual_dir)))}
 
     def _generate_examples(self, root: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-        _, folders = _scan_dreambench(root, self._class_noun)
+        _, folders = scan_dreambench(root, self._class_noun)
         for f in folders:
             for path in f.paths:
                 # Normalised by load_image, then PNG bytes: NumPy input would need TensorFlow.
@@ -458,7 +458,7 @@ def build_dreambench(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
     Read it with ``builder.as_data_source("train")``. Errors as in :func:`read_dreambench`,
     raised before anything is written for folder problems.
     """
-    folder, _ = _scan_dreambench(manual_dir, class_noun)  # fail early, before TFDS starts
+    folder, _ = scan_dreambench(manual_dir, class_noun)  # fail early, before TFDS starts
     builder = DreamBench(data_dir=os.fspath(data_dir), file_format=FILE_FORMAT,
                          class_noun=class_noun)
     builder.download_and_prepare(
@@ -544,7 +544,7 @@ def _check_matches_folder(records: Sequence[SubjectRecord], manual_dir: str | os
                           class_noun: Mapping[str, str] | None, subjects: Sequence[str] | None,
                           data_dir: Any) -> None:
     """Raise if the prepared records' subjects and file names differ from ``manual_dir``'s."""
-    folder, folders = _scan_dreambench(manual_dir, class_noun, subjects)
+    folder, folders = scan_dreambench(manual_dir, class_noun, subjects)
     want = {f.name: [p.name for p in f.paths] for f in folders}
     have = {r.name: r.image_names for r in records}
     if want != have:

@@ -125,8 +125,10 @@ def score_subject(generated: Any, prompts: Sequence[str], references: Sequence[A
         Images may be anything the encoders take (uint8 arrays of any size, float in [0, 1]).
       prompts: the P prompts as used for generation (with ``identifier``).
       references: the subject's M reference photos (a list of images of any sizes).
-      dino: image encoder for DINO (``embed_images`` → (N, D) unit norm), e.g. ``load_dino_encoder``.
-      clip: CLIP dual encoder (``embed_images`` / ``embed_texts``), e.g. ``load_dual_encoder``.
+      dino: image encoder for DINO (``embed_images`` → (N, D) unit norm), e.g. ``load_dino_encoder``;
+        None leaves DINO out.
+      clip: CLIP dual encoder (``embed_images`` / ``embed_texts``), e.g. ``load_dual_encoder``;
+        None leaves CLIP-I and CLIP-T out.
       reward_encoder: dual encoder of the λ-Harmonic reward (None: no reward metrics).
       lambdas: the λ values of the reward.
       identifier: the subject token, stripped from prompts for CLIP-T and the reward.
@@ -145,11 +147,14 @@ def score_subject(generated: Any, prompts: Sequence[str], references: Sequence[A
     stripped = [reward.strip_identifier(p, identifier) for p in prompts]
     prompt_of_image = np.repeat(np.arange(len(prompts)), sizes)
 
-    per_image = {"dino": pairwise_mean_cosine(dino.embed_images(images), dino.embed_images(references))}
-    clip_gen = np.asarray(clip.embed_images(images))
-    clip_text = np.asarray(clip.embed_texts(stripped))[prompt_of_image]
-    per_image["clip_i"] = pairwise_mean_cosine(clip_gen, clip.embed_images(references))
-    per_image["clip_t"] = paired_cosine(clip_gen, clip_text)
+    per_image = {}
+    if dino is not None:
+        per_image["dino"] = pairwise_mean_cosine(dino.embed_images(images), dino.embed_images(references))
+    if clip is not None:
+        clip_gen = np.asarray(clip.embed_images(images))
+        clip_text = np.asarray(clip.embed_texts(stripped))[prompt_of_image]
+        per_image["clip_i"] = pairwise_mean_cosine(clip_gen, clip.embed_images(references))
+        per_image["clip_t"] = paired_cosine(clip_gen, clip_text)
     if reward_encoder is not None:
         img = np.asarray(reward_encoder.embed_images(images), np.float32)
         ref = np.asarray(reward_encoder.embed_images(references), np.float32)

@@ -80,14 +80,20 @@ class Subject:
     live: bool
     reference_dir: Path
     identifier: str = reward_lib.IDENTIFIER
+    prompt_templates: tuple[str, ...] = ()   # () → the paper's 8 for the subject kind
+    reference_template: str = ""             # "" → REFERENCE_PROMPT
+
+    def format(self, template: str) -> str:
+        """A prompt template with {identifier} and {cls} filled in."""
+        return template.format(identifier=self.identifier, cls=self.class_noun)
 
     def training_prompts(self) -> list[str]:
-        """The paper's 8 novel prompts for this subject kind, with the identifier."""
-        templates = LIVE_PROMPTS if self.live else OBJECT_PROMPTS
-        return [t.format(identifier=self.identifier, cls=self.class_noun) for t in templates]
+        """The training prompts (by default the paper's 8 novel prompts), with the identifier."""
+        templates = self.prompt_templates or (LIVE_PROMPTS if self.live else OBJECT_PROMPTS)
+        return [self.format(t) for t in templates]
 
     def reference_prompt(self) -> str:
-        return REFERENCE_PROMPT.format(identifier=self.identifier, cls=self.class_noun)
+        return self.format(self.reference_template or REFERENCE_PROMPT)
 
 
 # ---- rewards and labels ---------------------------------------------------------------------
@@ -234,7 +240,8 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
         "version": MANIFEST_VERSION,
         "settings": dataclasses.asdict(settings) | {"resolution": resolution},
         "subject": {"class_noun": subject.class_noun, "live": subject.live,
-                    "identifier": subject.identifier},
+                    "identifier": subject.identifier, "prompts": prompts,
+                    "reference_prompt": subject.reference_prompt()},
         "references": [[p.name, _file_digest(p)] for p in ref_paths],
         "identity": identity or {},
     }
@@ -376,6 +383,22 @@ def resolve_paths(config, workdir: str | os.PathLike) -> tuple[Path, Path, Path]
             tiny.resolve_path(config.subject.reference_dir, assets, "subject.reference_dir"))
 
 
+def subject_from_config(config, reference_dir: Path) -> Subject:
+    """The config's ``subject`` section as a :class:`Subject` (prompt templates checked)."""
+    s = config.subject
+    subject = Subject(s.name, s.class_noun, bool(s.live), reference_dir, s.identifier,
+                      tuple(s.prompts), s.reference_prompt)
+    for key, templates in (("subject.prompts", subject.prompt_templates),
+                           ("subject.reference_prompt", (subject.reference_template,))):
+        for t in templates:
+            try:
+                subject.format(t)
+            except (KeyError, IndexError) as e:
+                raise ValueError(f"config key {key!r}: template {t!r} may only use {{identifier}} "
+                                 f"and {{cls}} ({e})") from e
+    return subject
+
+
 def prepare_preference_data(config, workdir: str | os.PathLike, progress: bool = True, *,
                             pipe=None, encoder: DualEncoderLike | None = None) -> dict:
     """The `rpo-jax negatives` job: resolve models and photos, sample, score, write the manifest.
@@ -389,8 +412,7 @@ def prepare_preference_data(config, workdir: str | os.PathLike, progress: bool =
     check_config(config)
     workdir = Path(workdir).absolute()
     pretrained, reward_dir, reference_dir = resolve_paths(config, workdir)
-    subject = Subject(config.subject.name, config.subject.class_noun, bool(config.subject.live),
-                      reference_dir, config.subject.identifier)
+    subject = subject_from_config(config, reference_dir)
     mesh = partitioning.make_mesh(tuple(config.mesh))
     if pipe is None:
         pipe = load_pipeline(pretrained, dtype=jnp.dtype(config.dtype),

@@ -212,10 +212,14 @@ def resolve_path(spec: str, assets_dir: str | os.PathLike, key: str) -> Path:
     ``tiny:NAME`` (``tiny:sd21``, ``tiny:sd15``, ``tiny:align``, ``tiny:clip``, ``tiny:dino``,
     ``tiny:subject``)
     makes a random tiny model (or the synthetic subject's photos) once under ``assets_dir`` and
-    returns it; anything else must be an existing folder. Errors name the config ``key``.
+    returns it; ``toy:NAME`` is a trained toy-world model shipped with the package (see
+    :mod:`rpo_jax.toy`); anything else must be an existing folder. Errors name the config ``key``.
     """
     if not spec:
         raise ValueError(f"config key {key!r} is empty; give a folder or a tiny:NAME")
+    if spec.startswith("toy:"):
+        from rpo_jax import toy
+        return toy.resolve(spec, key)
     if spec.startswith("tiny:"):
         makers = _tiny_makers()
         if spec not in makers:

@@ -454,15 +454,19 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     bar = tqdm(total=t.max_steps, initial=start_step, desc="rpo", unit="step", disable=not progress)
     step_times: list[float] = []
     step = start_step
+    # Steps are dispatched asynchronously: time the steps between two log points (where the host
+    # waits for the last one) and divide, restarting the clock after validations and saves.
+    clock = {"t": time.perf_counter(), "steps": 0}
     try:
         while step < t.max_steps and stop["signal"] is None:
             idx = pair_indices(step, data.num_pairs, per_step, t.seed).reshape(t.grad_accum, t.batch_size)
-            t_step = time.perf_counter()
             state, metrics = compiled(state, ref_params, cache, jax.device_put(idx, replicated))
             step += 1
+            clock["steps"] += 1
             if step % t.log_every == 0 or step == t.max_steps:
                 metrics = jax.device_get(metrics)
-                dt = time.perf_counter() - t_step
+                dt = (time.perf_counter() - clock["t"]) / clock["steps"]
+                clock.update(t=time.perf_counter(), steps=0)
                 step_times.append(dt)
                 log.write(step, {**metrics, "step_seconds": dt,
                                  "images_per_second": 2 * per_step / dt})
@@ -478,6 +482,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                     break
             elif step % t.checkpoint_every == 0:
                 save(step)
+            else:
+                continue
+            jax.block_until_ready(state)
+            clock.update(t=time.perf_counter(), steps=0)
         if stop["signal"] is not None:
             save(step)
             print(f"[train] SIGTERM: saved step {step} to {workdir / 'checkpoints'}; re-run the same "
