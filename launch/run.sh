@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . launch/env.sh
-if [ $# -eq 0 ]; then set -- train --config configs/tiny.py --workdir runs/tiny; fi
+if [ $# -eq 0 ]; then set -- train --config configs/toy.py --workdir runs/toy; fi
 exec rpo-jax "$@"

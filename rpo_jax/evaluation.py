@@ -245,13 +245,17 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+IMAGES_NAME = "images.npy"  # uint8 (P, n, H, W, 3), prompt-major, beside scores.json
+
+
 def evaluate(config, workdir: str | os.PathLike, *, pretrained: str | os.PathLike | None = None,
              label: str | None = None, progress: bool = True) -> dict:
     """Evaluate a subject's model on the test prompts.
 
     The model is the best checkpoint of ``workdir`` (its training run), or, with ``pretrained``
     (a diffusers folder or a ``tiny:NAME``), that base pipeline. References are the config's
-    subject photos at their own sizes. Writes ``workdir/eval/<label>/{scores.json, grid.png}``
+    subject photos at their own sizes. Writes ``workdir/eval/<label>/{scores.json, grid.png,
+    images.npy}``
     (``label``: 'best', or 'base' with ``pretrained``) atomically: a failure leaves an earlier
     result intact.
 
@@ -337,6 +341,7 @@ def evaluate(config, workdir: str | os.PathLike, *, pretrained: str | os.PathLik
     with fsutil.atomic_dir(out, overwrite=True) as tmp:
         flat = images.reshape((-1,) + images.shape[2:])
         images_lib.save_grid(flat, tmp / "grid.png", rows=len(prompts), labels=prompts)
+        np.save(tmp / IMAGES_NAME, images)
         (tmp / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"[eval] {label}: {_format_means(result['mean'])}")
     print(f"[eval] wrote {out / 'scores.json'} and {out / 'grid.png'} "

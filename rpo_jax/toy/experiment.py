@@ -1,0 +1,184 @@
+"""``rpo-jax toy experiment``: the paper's ablation in miniature, over several seeds.
+
+Arms (all from configs/toy.py, the same negatives settings and training budget):
+
+  base        the pretrained miniature SD, no fine-tuning
+  L_sim only  w_pref = 0: DreamBooth without prior preservation
+  L_pref only w_sim = 0
+  RPO λ=0.3 / 0.5 / 0.7   L_sim + L_pref, the checkpoint selected by validation at that λ_val
+                          (the three runs train identically; only model selection differs)
+  RPO β=100   L_sim + L_pref with β = 100 instead of 1 (λ_val 0.5): what β does
+
+Each trained arm is selected by validation reward like RPO (the paper's protocol for all its
+variants). Every arm is scored on the held-out prompts with ``test.num_images`` images per prompt
+(64 per point by default): subject fidelity (evaluation CLIP image-image similarity with the
+references; oracle subject rate), text alignment (evaluation CLIP image-text similarity; oracle
+scene accuracy) and the λ-Harmonic reward at 0.5. Written to WORKDIR/experiment.md (mean ± std
+over seeds), experiment.json and experiment.png. Finished runs are reused (resumable).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rpo_jax.weights import io
+
+ARMS = {
+    "base": {},
+    "L_sim only": {"objective.w_pref": 0.0},
+    "L_pref only": {"objective.w_sim": 0.0},
+    "RPO λ_val=0.3": {"reward.lambda_val": 0.3},
+    "RPO λ_val=0.5": {"reward.lambda_val": 0.5},
+    "RPO λ_val=0.7": {"reward.lambda_val": 0.7},
+    "RPO β=100": {"objective.beta": 100.0},
+}
+COLUMNS = (("clip_i", "fidelity: CLIP-I"), ("subject_rate", "fidelity: oracle subject rate"),
+           ("subject_prob", "fidelity: oracle subject prob."),
+           ("clip_t", "alignment: CLIP-T"), ("scene_accuracy", "alignment: oracle scene acc."),
+           ("reward@0.5", "λ-Harmonic r_0.5"))
+
+
+def _slug(arm: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in arm).strip("-").lower()
+
+
+def arm_config(base_config, arm: str, seed: int):
+    """The config of one (arm, seed) run."""
+    c = copy.deepcopy(base_config)
+    c.train.seed = seed
+    c.negatives.seed = seed
+    c.test.seed = base_config.test.seed + seed
+    for key, value in ARMS[arm].items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def run_arm(config, arm: str, seed: int, workdir: Path, progress: bool) -> dict:
+    """Train (unless base) and score one arm; cached in WORKDIR/runs/<arm>-seed<N>/result.json.
+
+    The oracle's numbers are recomputed from the saved images on every call, so the table always
+    reflects the current judges."""
+    from rpo_jax import evaluation, preference
+    from rpo_jax.train import train_and_evaluate
+
+    run_dir = workdir / "runs" / f"{_slug(arm)}-seed{seed}"
+    result_path = run_dir / "result.json"
+    c = arm_config(config, arm, seed)
+    label = "base" if arm == "base" else "best"
+    images_path = run_dir / evaluation.EVAL_DIR / label / evaluation.IMAGES_NAME
+    if result_path.is_file() and images_path.is_file():
+        result = json.loads(result_path.read_text())
+        images = np.load(images_path)
+    else:
+        t0 = time.perf_counter()
+        if arm == "base":
+            run_dir.mkdir(parents=True, exist_ok=True)
+            pretrained, _, _ = preference.resolve_paths(c, run_dir)
+            out = evaluation.evaluate(c, run_dir, pretrained=pretrained, label=label, progress=progress)
+            best_step = 0
+        else:
+            summary = train_and_evaluate(c, run_dir, progress=progress)
+            out = evaluation.evaluate(c, run_dir, label=label, progress=progress)
+            best_step = summary["best_step"]
+        images = out["images"]
+        result = {"arm": arm, "seed": seed, "best_step": best_step, **out["scores"]["mean"],
+                  "num_images": int(np.prod(images.shape[:2])),
+                  "seconds": round(time.perf_counter() - t0, 1)}
+    result.update(_oracle(c, run_dir, images))
+    io.write_json(result, result_path)
+    return result
+
+
+def _oracle(config, run_dir: Path, images: np.ndarray) -> dict:
+    from rpo_jax import evaluation, report, tiny
+
+    oracle_dir = tiny.resolve_path(config.test.oracle, run_dir / "assets", "test.oracle")
+    scores = report.oracle_scores(oracle_dir, images, evaluation.test_prompts(config))
+    return {"subject_rate": scores["subject_rate"], "scene_accuracy": scores["scene_accuracy"],
+            "subject_prob": scores["subject_prob"]}
+
+
+def summarize(results: list[dict], arms: Sequence[str]) -> dict:
+    """{arm: {metric: (mean, std over seeds, n seeds)}}; std is the sample std (ddof=1)."""
+    out = {}
+    for arm in arms:
+        rows = [r for r in results if r["arm"] == arm]
+        out[arm] = {}
+        for key, _ in COLUMNS + (("best_step", ""),):
+            values = np.asarray([r[key] for r in rows if r.get(key) is not None], np.float64)
+            if len(values):
+                std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                out[arm][key] = (float(values.mean()), std, len(values))
+    return out
+
+
+def markdown(summary: dict, num_images: int) -> str:
+    head = ["arm"] + [name for _, name in COLUMNS] + ["selected step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, stats in summary.items():
+        cells = [arm]
+        for key, _ in COLUMNS + (("best_step", ""),):
+            if key in stats:
+                m, s, n = stats[key]
+                cells.append(f"{m:.3f} ± {s:.3f}" if key != "best_step" else f"{m:.0f}")
+            else:
+                cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = max((v[2] for st in summary.values() for v in st.values()), default=0)
+    return ("\n".join(lines) + f"\n\nmean ± sample std over {seeds} seeds; {num_images} images per "
+            "point (held-out prompts × images per prompt).\n")
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Fidelity (oracle subject rate) against alignment (oracle scene accuracy), one point per arm
+    with its seed std as error bars; and the CLIP-I / CLIP-T pair the same way."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (fx, fy, title) in zip(axes, (("scene_accuracy", "subject_rate", "oracle judges"),
+                                          ("clip_t", "clip_i", "evaluation CLIP"))):
+        for arm, st in summary.items():
+            if fx in st and fy in st:
+                ax.errorbar(st[fx][0], st[fy][0], xerr=st[fx][1], yerr=st[fy][1], fmt="o",
+                            capsize=3, label=arm)
+        ax.set(title=title, xlabel=f"text alignment ({fx})", ylabel=f"subject fidelity ({fy})")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_experiment(config, workdir: str | os.PathLike, *, seeds: Sequence[int] = (0, 1, 2),
+                   arms: Sequence[str] = tuple(ARMS), progress: bool = True) -> dict:
+    """Run every (arm, seed) not yet finished, then write the table, JSON and plot."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; known: {list(ARMS)}")
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in seeds:
+        for arm in arms:
+            print(f"[experiment] {arm}, seed {seed}")
+            results.append(run_arm(config, arm, seed, workdir, progress))
+    summary = summarize(results, arms)
+    num_images = results[0]["num_images"] if results else 0
+    table = markdown(summary, num_images)
+    (workdir / "experiment.md").write_text("# RPO ablation on the toy subject\n\n" + table)
+    io.write_json({"results": results, "summary": summary}, workdir / "experiment.json")
+    plot(summary, workdir / "experiment.png")
+    print("\n" + table)
+    for name in ("experiment.md", "experiment.json", "experiment.png"):
+        print(f"[experiment] {workdir / name}")
+    return summary
