@@ -85,6 +85,13 @@ def plot_curves(workdir: Path, path: Path, lambda_val: float, best_step: int | N
             ax2.plot([r["step"] for r in train], [r[key] for r in train], label=key, lw=1)
     ax2.set(title="training loss terms", xlabel="step")
     ax2.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (a temporary name, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.partial.png")
     fig.savefig(tmp, dpi=100)

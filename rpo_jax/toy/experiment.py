@@ -152,11 +152,8 @@ def plot(summary: dict, path: Path) -> None:
                             capsize=3, label=arm)
         ax.set(title=title, xlabel=f"text alignment ({fx})", ylabel=f"subject fidelity ({fy})")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from rpo_jax.report import save_figure
+    save_figure(fig, path)
 
 
 def run_experiment(config, workdir: str | os.PathLike, *, seeds: Sequence[int] = (0, 1, 2),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,7 +149,7 @@ def accuracy(judges: "Oracle", images: np.ndarray, specs: Sequence[world.Spec]) 
 def save(params: dict, out_dir: str | os.PathLike, module: OracleNet = OracleNet()) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(k): np.asarray(v) for k, v in _flatten(params).items()}
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     io.save_state_dict(flat, out / WEIGHTS_NAME)
     io.write_json({"model_type": "toy_oracle", "widths": list(module.widths),
                    "heads": {k: list(v) for k, v in HEADS.items()}}, out / "config.json")
@@ -165,24 +166,9 @@ def load(folder: str | os.PathLike) -> Oracle:
     if heads != HEADS:
         raise ValueError(f"{folder / 'config.json'}: heads {heads} differ from this version's {HEADS}")
     state, _ = io.load_state_dict(folder, (WEIGHTS_NAME.rsplit(".", 1)[0],), None)
-    params: dict = {}
-    for key, value in state.items():
-        node = params
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value, jnp.float32)
+    params = traverse_util.unflatten_dict(
+        {k: jnp.asarray(v, jnp.float32) for k, v in state.items()}, sep="/")
     return Oracle(params, OracleNet(tuple(cfg["widths"])))
-
-
-def _flatten(tree: dict, prefix: tuple = ()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
 
 
 def loss_fn(params: dict, module: OracleNet, x: jnp.ndarray, labels: dict) -> tuple[jnp.ndarray, dict]:
