@@ -64,30 +64,41 @@ def _vision_width(cfg: dict) -> int:
     return int(out["pooler_output"].shape[-1])
 
 
-def make_tiny_align(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Write a random tiny ALIGN folder (AlignModel layout, BERT WordPiece vocab for prompts)."""
+def write_wordpiece_tokenizer(texts: list[str], out: Path) -> int:
+    """Write a BERT WordPiece tokenizer whose vocabulary covers ``texts`` (64 tokens long) into
+    ``out`` (created); returns the vocabulary size."""
     from rpo_jax.wordpiece import BertTokenizer, build_vocab, write_vocab
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = build_vocab(_vocabulary_texts())
+    vocab = build_vocab(texts)
     write_vocab(vocab, out / "vocab.txt")
     tokenizer = BertTokenizer.from_pretrained(out)
     tokenizer.model_max_length = 64
     tokenizer.save_pretrained(out)
-    cfg = align_config(len(vocab))
+    return len(vocab)
+
+
+def align_preprocessor_config(size: int = IMAGE_SIZE) -> dict:
+    """An EfficientNetImageProcessor preprocessor_config.json dict at ``size`` px (x/127.5 − 1)."""
+    return {
+        "image_processor_type": "EfficientNetImageProcessor", "do_resize": True,
+        "size": {"height": size, "width": size}, "resample": 2,
+        "do_center_crop": False, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 127.5, "rescale_offset": True,
+        "do_normalize": False, "include_top": False,
+    }
+
+
+def make_tiny_align(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a random tiny ALIGN folder (AlignModel layout, BERT WordPiece vocab for prompts)."""
+    out = Path(out_dir)
+    cfg = align_config(write_wordpiece_tokenizer(_vocabulary_texts(), out))
     config = align.AlignConfig.from_dict(cfg, "tiny align config")
     module = align.AlignModel(config)
     params = base.random_params(base.abstract_params(module, *align.init_inputs(config)), seed)
     params["temperature"] = jnp.asarray(0.05, jnp.float32)
     align.save_align(params, cfg, out)
-    io.write_json({
-        "image_processor_type": "EfficientNetImageProcessor", "do_resize": True,
-        "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 2,
-        "do_center_crop": False, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        "do_rescale": True, "rescale_factor": 1 / 127.5, "rescale_offset": True,
-        "do_normalize": False, "include_top": False,
-    }, out / "preprocessor_config.json")
+    io.write_json(align_preprocessor_config(), out / "preprocessor_config.json")
     return out
 
 

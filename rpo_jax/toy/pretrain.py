@@ -265,15 +265,10 @@ def _align_vocab_texts() -> list[str]:
 
 
 def train_align(out: Path, budget: Budget, seed: int, progress: bool) -> dict:
-    from rpo_jax.wordpiece import BertTokenizer, build_vocab, write_vocab
+    from rpo_jax.wordpiece import BertTokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = build_vocab(_align_vocab_texts())
-    write_vocab(vocab, out / "vocab.txt")
+    cfg = align_config(tiny_encoders.write_wordpiece_tokenizer(_align_vocab_texts(), out))
     tokenizer = BertTokenizer.from_pretrained(out)
-    tokenizer.model_max_length = 64
-    tokenizer.save_pretrained(out)
-    cfg = align_config(len(vocab))
     config = align.AlignConfig.from_dict(cfg, "toy align config")
     module = align.AlignModel(config)
     params = _unboxed_init(module, *align.init_inputs(config), seed=seed)
@@ -283,13 +278,7 @@ def train_align(out: Path, budget: Budget, seed: int, progress: bool) -> dict:
         (jnp.ones_like(v) if _leaf_name(p) == "var" else v), params)
     scale = 20.0
     params["temperature"] = jnp.asarray(1.0 / scale, jnp.float32)
-    pp_dict = {
-        "image_processor_type": "EfficientNetImageProcessor", "do_resize": True,
-        "size": {"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE}, "resample": 2,
-        "do_center_crop": False, "crop_size": {"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE},
-        "do_rescale": True, "rescale_factor": 1 / 127.5, "rescale_offset": True,
-        "do_normalize": False, "include_top": False,
-    }
+    pp_dict = tiny_encoders.align_preprocessor_config(world.IMAGE_SIZE)
     pp = efficientnet.AlignImagePreprocess.from_dict(pp_dict)
     preprocess = functools.partial(efficientnet.preprocess_images, pp=pp)
     keys = ("input_ids", "attention_mask", "token_type_ids")
