@@ -53,7 +53,8 @@ def get_config(arg=None):
         ref_params_dtype="float32", term_grad_norms=True, checkpoint_every=40, log_every=1))
     c.eval = ml_collections.ConfigDict(dict(
         every=40, num_images=4, num_inference_steps=50, guidance_scale=7.5, seed=1234,
-        early_stop_patience=0))
+        early_stop_patience=0, lambda_sweep=()))  # e.g. (0.3, 0.7): the paper's λ_val ablation
+                                                  # from one run (`rpo-jax eval --lambda`)
     c.test = ml_collections.ConfigDict(dict(    # DreamBench protocol: 25 prompts × 4 images
         prompts=(), num_images=4, num_inference_steps=50, guidance_scale=7.5, seed=2024,
         clip_model="clip-vit-base-patch16",      # transformers folder of openai/clip-vit-base-patch16

@@ -81,6 +81,8 @@ def get_config(arg=None):
         guidance_scale=7.5,
         seed=1234,                            # fixed validation noise
         early_stop_patience=0,                # evaluations without improvement before stopping; 0: off
+        lambda_sweep=(),                      # also keep the best UNet by r_λ for each λ here
+                                              # (best_lambda/<λ>/; `rpo-jax eval --lambda λ`)
     ))
     c.test = ml_collections.ConfigDict(dict(  # held-out evaluation (rpo-jax eval; DreamBench §5)
         prompts=(),                           # templates; () → DreamBench's 25 for the subject kind

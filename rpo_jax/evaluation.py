@@ -15,7 +15,8 @@ the batch size.
 On disk::
 
     WORKDIR/eval/<label>/scores.json   settings, prompts, per-image / per-prompt / mean metrics,
-                                       timings (label: 'best', or 'base' with --pretrained)
+                                       timings (label: 'best', 'base' with --pretrained,
+                                       'best-lambda<λ>' with --lambda)
     WORKDIR/eval/<label>/grid.png      one labelled row per prompt
 
     WORKDIR/subjects/<name>/...        rpo-jax dreambench: one training workdir per subject
@@ -212,19 +213,25 @@ def _format_means(means: dict) -> str:
 
 # ---- one subject ----------------------------------------------------------------------------
 
-def _check_best(workdir: Path) -> None:
-    """Raise FileNotFoundError naming the path unless ``workdir/best`` holds a checkpoint."""
-    best = workdir / "best"
+def _check_best(workdir: Path, lambda_val: float | None = None) -> None:
+    """Raise FileNotFoundError naming the path unless ``workdir``'s best folder (``best/``, or
+    ``best_lambda/<λ>/`` for a λ of the run's eval.lambda_sweep) holds a checkpoint."""
+    from rpo_jax.train import best_dir
+
+    best = best_dir(workdir, lambda_val)
     if not workdir.is_dir():
         raise FileNotFoundError(f"workdir {workdir} does not exist")
     if not best.is_dir() or not any(p.name.isdigit() for p in best.iterdir()):
-        raise FileNotFoundError(f"{best} holds no checkpoint: no best UNet to evaluate (train "
+        hint = (f"λ {lambda_val:g} was not in the run's eval.lambda_sweep, or " if lambda_val is not None
+                else "")
+        raise FileNotFoundError(f"{best} holds no checkpoint: no best UNet to evaluate ({hint}train "
                                 f"first with `rpo-jax train --workdir {workdir}`, or pass "
                                 "--pretrained DIR to evaluate a base pipeline)")
 
 
-def _load_params(pipe, workdir: Path):
-    """The best UNet params of ``workdir`` and their meta (step, reward, lambda_val)."""
+def _load_params(pipe, workdir: Path, lambda_val: float | None = None):
+    """The best UNet params of ``workdir`` (by r_{λ_val}, or by r_λ of a swept ``lambda_val``)
+    and their meta (step, reward, lambda_val)."""
     import flax.linen as nn
 
     from rpo_jax.models import base, unet as unet_lib
@@ -232,7 +239,7 @@ def _load_params(pipe, workdir: Path):
 
     abstract = nn.unbox(base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config)))
     return load_best_params(workdir, jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract))
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract), lambda_val)
 
 
 def _jsonable(x: Any) -> Any:
@@ -249,11 +256,12 @@ IMAGES_NAME = "images.npy"  # uint8 (P, n, H, W, 3), prompt-major, beside scores
 
 
 def evaluate(config, workdir: str | os.PathLike, *, pretrained: str | os.PathLike | None = None,
-             label: str | None = None, progress: bool = True) -> dict:
+             label: str | None = None, lambda_val: float | None = None, progress: bool = True) -> dict:
     """Evaluate a subject's model on the test prompts.
 
-    The model is the best checkpoint of ``workdir`` (its training run), or, with ``pretrained``
-    (a diffusers folder or a ``tiny:NAME``), that base pipeline. References are the config's
+    The model is the best checkpoint of ``workdir`` (its training run; with ``lambda_val``, the
+    one selected by r_λ of that λ of the run's ``eval.lambda_sweep``, label 'best-lambda<λ>'), or,
+    with ``pretrained`` (a diffusers folder or a ``tiny:NAME``), that base pipeline. References are the config's
     subject photos at their own sizes. Writes ``workdir/eval/<label>/{scores.json, grid.png,
     images.npy}``
     (``label``: 'best', or 'base' with ``pretrained``) atomically: a failure leaves an earlier
@@ -267,12 +275,18 @@ def evaluate(config, workdir: str | os.PathLike, *, pretrained: str | os.PathLik
 
     t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
-    label = label or ("base" if pretrained is not None else "best")
+    if pretrained is not None and lambda_val is not None:
+        raise ValueError("lambda_val selects a checkpoint of the workdir's run: it does not apply "
+                         "with --pretrained")
+    if lambda_val is not None:
+        lambda_val = reward_lib.check_lambda(lambda_val, "lambda_val")
+    label = label or ("base" if pretrained is not None else
+                      "best" if lambda_val is None else f"best-lambda{lambda_val:g}")
     if not _LABEL.match(label):
         raise ValueError(f"label {label!r} must be a plain folder name (letters, digits, '_.-')")
     check_test_config(config)
     if pretrained is None:
-        _check_best(workdir)
+        _check_best(workdir, lambda_val)
     prompts = test_prompts(config)
     t = config.test
     if pretrained is None:
@@ -285,7 +299,7 @@ def evaluate(config, workdir: str | os.PathLike, *, pretrained: str | os.PathLik
     pipe = load_pipeline(pipeline_dir, dtype=jnp.dtype(config.dtype),
                          attention_impl=config.attention_impl)
     if pretrained is None:
-        params, meta = _load_params(pipe, workdir)
+        params, meta = _load_params(pipe, workdir, lambda_val)
         model = {"kind": "best", "workdir": str(workdir), "step": meta["step"],
                  "validation_reward": meta["reward"], "lambda_val": meta.get("lambda_val")}
         what = (f"the best UNet of {workdir} (step {meta['step']}, validation reward "
@@ -508,7 +522,8 @@ def eval_command(args) -> int:
         config = config_lib.resolve(args.config, args.overrides)
     else:
         config = workdir_config(workdir, args.overrides)
-    evaluate(config, workdir, pretrained=args.pretrained, label=args.label)
+    evaluate(config, workdir, pretrained=args.pretrained, label=args.label,
+             lambda_val=getattr(args, "lambda_val", None))
     return 0
 
 

@@ -9,13 +9,14 @@
 5. the loop: pairs in a seeded order derived from the step (so resuming is exact), labels drawn
    on device from ``fold_in(key, step)``, metrics to metrics.jsonl and TensorBoard;
 6. every ``eval.every`` steps: sample ``eval.num_images`` per training prompt with the current
-   UNet, score with r_{λ_val} on identifier-stripped prompts, keep the best params;
+   UNet, score with r_{λ_val} on identifier-stripped prompts, keep the best params (and, for
+   each λ of ``eval.lambda_sweep``, the best params by r_λ of the same samples);
 7. Orbax checkpoints of the latest state (resume by re-running the same command; SIGTERM saves
    and exits), the best params, and summary.json.
 
 Workdir layout::
 
-    config.json  negatives/  assets/  checkpoints/  best/  samples/step_XXXXXX.png
+    config.json  negatives/  assets/  checkpoints/  best/  best_lambda/<λ>/  samples/step_XXXXXX.png
     metrics.jsonl  tensorboard/  summary.json
 """
 from __future__ import annotations
@@ -81,6 +82,8 @@ def check_config(config) -> None:
             raise ValueError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
     if e.early_stop_patience < 0:
         raise ValueError(f"eval.early_stop_patience must be >= 0, got {e.early_stop_patience}")
+    for lam in e.lambda_sweep:
+        reward_lib.check_lambda(lam, "eval.lambda_sweep")
     try:
         objective_config(config, "epsilon").check()
     except ValueError as e:
@@ -223,13 +226,16 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
 class Validator:
     """Model selection (rpo-spec §4): ``num_images`` samples per training prompt with the current
     UNet (DDIM + CFG, fixed noise so evaluations are comparable), scored with r_{λ_val} against
-    the references on identifier-stripped prompts; mean over images, then over prompts."""
+    the references on identifier-stripped prompts; mean over images, then over prompts. The same
+    samples are also scored at every λ of ``eval.lambda_sweep`` (the paper's λ_val ablation
+    changes only this selection, so one training run serves every λ)."""
 
     def __init__(self, config, pipe, encoder, data: preference.PreferenceData):
         e = config.eval
         self.pipe, self.encoder = pipe, encoder
         self.prompts = list(data.prompts)
         self.lam = reward_lib.check_lambda(config.reward.lambda_val, "reward.lambda_val")
+        self.sweep = lambda_sweep(config)
         self.n = e.num_images
         self.guidance_scale = e.guidance_scale
         self.sampler = pipe.sampler(e.num_inference_steps, 0.0, e.guidance_scale > 1.0)
@@ -243,16 +249,28 @@ class Validator:
         self.ref_embeds = encoder.embed_images(data.references)
         self.text_embeds = encoder.embed_texts([reward_lib.strip_identifier(p) for p in prompts])
 
-    def __call__(self, params) -> tuple[float, list[float], np.ndarray]:
-        """(mean reward, per-prompt rewards, uint8 images (P·n, H, W, 3))."""
+    def __call__(self, params) -> tuple[float, list[float], np.ndarray, dict[float, float]]:
+        """(mean r_{λ_val}, its per-prompt means, uint8 images (P·n, H, W, 3), {λ: mean r_λ} for
+        the sweep's λ)."""
         from rpo_jax.sampling import to_uint8
 
         z = self.sampler(params, self.latents, self.cond, self.uncond, self.guidance_scale)
         images = to_uint8(self.pipe.decode_latents(z))
-        r = reward_lib.lambda_harmonic_reward(self.encoder.embed_images(images), self.ref_embeds,
-                                              self.text_embeds, self.lam)
-        per_prompt = np.asarray(r).reshape(len(self.prompts), self.n).mean(axis=1)
-        return float(per_prompt.mean()), [float(x) for x in per_prompt], images
+        embeds = self.encoder.embed_images(images)
+        s_img = reward_lib.image_similarity(embeds, self.ref_embeds)
+        s_txt = reward_lib.text_similarity(embeds, self.text_embeds)
+        prompt_means = lambda lam: np.asarray(reward_lib.harmonic(s_img, s_txt, lam)).reshape(
+            len(self.prompts), self.n).mean(axis=1)
+        per_prompt = prompt_means(self.lam)
+        sweep = {lam: float(prompt_means(lam).mean()) for lam in self.sweep}
+        return float(per_prompt.mean()), [float(x) for x in per_prompt], images, sweep
+
+
+def lambda_sweep(config) -> tuple[float, ...]:
+    """The extra λ values model selection also keeps a best checkpoint for (``eval.lambda_sweep``
+    without λ_val itself), sorted."""
+    main = float(config.reward.lambda_val)
+    return tuple(sorted({float(lam) for lam in config.eval.lambda_sweep} - {main}))
 
 
 # ---- logging ----------------------------------------------------------------------------------
@@ -300,18 +318,36 @@ def _py(v):
 # ---- checkpoints --------------------------------------------------------------------------------
 
 def _managers(workdir: Path):
-    opts = lambda keep: ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return (ocp.CheckpointManager(workdir / "checkpoints", options=opts(2)),
-            ocp.CheckpointManager(workdir / "best", options=opts(1)))
+    """(latest-state manager, best-params manager by r_{λ_val})."""
+    return (ocp.CheckpointManager(workdir / "checkpoints",
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)),
+            _best_manager(workdir))
 
 
-def load_best_params(workdir: str | os.PathLike, abstract_params: Any) -> tuple[Any, dict]:
-    """The best UNet params of a finished (or running) workdir, and their meta (step, reward)."""
+def best_dir(workdir: Path, lam: float | None = None) -> Path:
+    """Where the best params live: ``best/`` (by r_{λ_val}), or ``best_lambda/<λ>/`` for a λ of
+    ``eval.lambda_sweep``."""
+    return workdir / "best" if lam is None else workdir / "best_lambda" / f"{float(lam):g}"
+
+
+def _best_manager(workdir: Path, lam: float | None = None) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(best_dir(workdir, lam),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+
+def load_best_params(workdir: str | os.PathLike, abstract_params: Any,
+                     lambda_val: float | None = None) -> tuple[Any, dict]:
+    """The best UNet params of a finished (or running) workdir, and their meta (step, reward,
+    lambda_val); with ``lambda_val``, the best by r_λ of that ``eval.lambda_sweep`` entry."""
     workdir = Path(workdir).absolute()
-    _, best = _managers(workdir)
+    folder = best_dir(workdir, lambda_val)
+    if lambda_val is not None and not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: λ {lambda_val:g} was not in the run's "
+                                "eval.lambda_sweep")
+    best = _best_manager(workdir, lambda_val)
     step = best.latest_step()
     if step is None:
-        raise FileNotFoundError(f"{workdir / 'best'} holds no checkpoint: the run has not finished "
+        raise FileNotFoundError(f"{folder} holds no checkpoint: the run has not finished "
                                 "a validation yet")
     restored = best.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
@@ -375,13 +411,15 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     cache = jax.device_put(cache, replicated)
 
-    meta = {"best_reward": None, "best_step": None, "evals": [], "evals_since_best": 0}
+    meta = {"best_reward": None, "best_step": None, "evals": [], "evals_since_best": 0,
+            "sweep": {}}  # λ (str) → {"best_reward", "best_step"} for eval.lambda_sweep
     if ckpt.latest_step() is not None:
         abstract_state = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         restored = ckpt.restore(ckpt.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         state, meta = restored.state, restored.meta
+        meta.setdefault("sweep", {})
         print(f"[train] resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
     start_step = int(state.step)
 
@@ -413,27 +451,39 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     # 5-7. loop with validation and checkpoints
     log = MetricsLog(workdir, start_step)
     validator = Validator(config, pipe, encoder, data)
+    sweep_ckpt = {lam: _best_manager(workdir, lam) for lam in validator.sweep}
     (workdir / "samples").mkdir(exist_ok=True)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
     def evaluate(step: int) -> None:
         t_eval = time.perf_counter()
-        mean, per_prompt, images = validator(state.params)
+        mean, per_prompt, images, sweep = validator(state.params)
         grid_path = workdir / "samples" / f"step_{step:06d}.png"
         images_lib.save_grid(images, grid_path, rows=len(validator.prompts), labels=validator.prompts)
         log.image(step, "val/samples", np.asarray(images_lib.load_image(grid_path)))
-        record = {"reward": mean, "per_prompt": per_prompt, "seconds": time.perf_counter() - t_eval}
+        by_lambda = {f"reward@{lam:g}": r for lam, r in sweep.items()}
+        record = {"reward": mean, "per_prompt": per_prompt, **by_lambda,
+                  "seconds": time.perf_counter() - t_eval}
         log.write(step, record, "val")
-        meta["evals"].append({"step": step, "reward": mean})
+        meta["evals"].append({"step": step, "reward": mean, **by_lambda})
+
+        def keep_best(manager, lam: float, reward: float) -> None:
+            manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                meta=ocp.args.JsonSave({"step": step, "reward": reward, "lambda_val": lam})))
+            manager.wait_until_finished()
+
         if step > 0 and (meta["best_reward"] is None or mean > meta["best_reward"]):
             meta.update(best_reward=mean, best_step=step, evals_since_best=0)
-            best_ckpt.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                meta=ocp.args.JsonSave({"step": step, "reward": mean, "lambda_val": validator.lam})))
-            best_ckpt.wait_until_finished()
+            keep_best(best_ckpt, validator.lam, mean)
         elif step > 0:
             meta["evals_since_best"] += 1
+        for lam, reward in sweep.items():
+            best = meta["sweep"].setdefault(f"{lam:g}", {"best_reward": None, "best_step": None})
+            if step > 0 and (best["best_reward"] is None or reward > best["best_reward"]):
+                best.update(best_reward=reward, best_step=step)
+                keep_best(sweep_ckpt[lam], lam, reward)
         if progress:
             print(f"[eval] step {step}: validation reward r_λ={validator.lam} {mean:.4f} "
                   f"(best {meta['best_reward']:.4f} at step {meta['best_step']})"
@@ -500,6 +550,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     summary = {
         "best_step": meta["best_step"], "best_reward": meta["best_reward"],
         "lambda_val": validator.lam, "evals": meta["evals"], "final_step": step,
+        "lambda_sweep": meta["sweep"],
         "interrupted": stop["signal"] is not None,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "compile_seconds": round(compile_seconds, 2),

@@ -21,7 +21,7 @@ CONFIG = str(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py")
 OVERRIDES = ["--config.train.max_steps=4", "--config.eval.every=2", "--config.eval.num_images=1",
              "--config.eval.num_inference_steps=3", "--config.negatives.k=1",
              "--config.negatives.num_inference_steps=3", "--config.train.checkpoint_every=1",
-             "--config.mesh=(1,1,1)"]
+             "--config.mesh=(1,1,1)", "--config.eval.lambda_sweep=(0.3,0.5)"]
 
 
 def _config(*extra):
@@ -79,6 +79,29 @@ def test_end_to_end_outputs(run):
     assert list((workdir / "tensorboard").iterdir())
     step, params = _latest_params(workdir)
     assert step == 4
+
+
+def test_lambda_sweep_keeps_the_best_unet_per_lambda(run):
+    """eval.lambda_sweep (0.3, 0.5) with λ_val 0.5: the same samples are scored at λ 0.3 too, and
+    best_lambda/0.3 holds the UNet of the step with the highest r_0.3."""
+    workdir, summary = run
+    assert list(summary["lambda_sweep"]) == ["0.3"]  # λ_val itself is best/
+    trained = [e for e in summary["evals"] if e["step"] > 0]
+    assert all("reward@0.3" in e and "reward@0.5" not in e for e in summary["evals"])
+    assert any(e["reward@0.3"] != e["reward"] for e in trained)  # another λ, another score
+    top = max(trained, key=lambda e: e["reward@0.3"])
+    assert summary["lambda_sweep"]["0.3"] == {"best_reward": top["reward@0.3"], "best_step": top["step"]}
+    from rpo_jax.models import base as base_lib, unet as unet_lib
+    from rpo_jax.pipeline import load_pipeline
+    p = load_pipeline(workdir / "assets" / "tiny-sd21")
+    abstract = nn.unbox(base_lib.abstract_params(p.unet, *unet_lib.init_inputs(p.unet.config)))
+    params, meta = train.load_best_params(workdir, abstract, 0.3)
+    assert (meta["step"], meta["lambda_val"]) == (top["step"], 0.3)
+    if top["step"] == 4:  # the last step is also the latest checkpoint
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_latest_params(workdir)[1])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="best_lambda/0.7"):
+        train.load_best_params(workdir, abstract, 0.7)
 
 
 def test_training_changes_the_unet_and_export_loads_in_diffusers(run, tmp_path):
