@@ -57,7 +57,7 @@ def get_config(arg=None):
         ref_params_dtype="float32", term_grad_norms=False, checkpoint_every=100, log_every=5))
     c.eval = ml_collections.ConfigDict(dict(
         every=50, num_images=4, num_inference_steps=25, guidance_scale=5.0, seed=1234,
-        early_stop_patience=0))
+        early_stop_patience=0, lambda_sweep=()))
     c.test = ml_collections.ConfigDict(dict(
         prompts=toy_subject.EVALUATION_PROMPTS, num_images=8, num_inference_steps=25,
         guidance_scale=5.0, seed=2024, clip_model="toy:clip", dino_model="", oracle="toy:oracle"))

@@ -305,8 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate this diffusers pipeline folder instead of the best UNet (the "
                    "config still gives the subject and the test settings)")
     p.add_argument("--label", default=None,
-                   help="output folder name under WORKDIR/eval (default: best, or base with "
-                   "--pretrained)")
+                   help="output folder name under WORKDIR/eval (default: best, base with "
+                   "--pretrained, best-lambdaλ with --lambda)")
+    p.add_argument("--lambda", dest="lambda_val", type=float, default=None,
+                   help="evaluate the UNet selected by r_λ at this λ instead of λ_val (a λ of the "
+                   "run's eval.lambda_sweep: one training run, model selection at each λ)")
     p.set_defaults(func=_eval, takes_overrides=True)
 
     p = sub.add_parser("dreambench", help="RPO on every DreamBench subject: train, eval, table",
@@ -343,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "text tower is the pipeline's text encoder), the tiny ALIGN (reward), "
                            "the VAE and UNet of the miniature SD, write the toy subject, and run "
                            "the quality gate (oracle accuracy of base-model samples on held-out "
-                           "prompts). About an hour on 2 CPU cores at --scale 1. Stages are "
+                           "prompts). About 80 minutes on 2 CPU cores at --scale 1. Stages are "
                            "resumable: a re-run keeps finished ones. Use the result with "
                            "RPO_JAX_TOY_ASSETS=OUT (the shipped models live in rpo_jax/assets/toy).")
     p.add_argument("--out", required=True, help="output folder")
@@ -354,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of oracle,clip,align,pipeline,subject,gate")
     p.set_defaults(func=_toy_pretrain)
     p = toy_sub.add_parser("experiment", help="the paper's ablation in miniature, over seeds",
-                           description="Base model, L_sim only, L_pref only and RPO at λ_val "
-                           "0.3/0.5/0.7 on the toy subject, each over --seeds; writes "
+                           description="Base model, L_sim only, L_pref only, RPO at λ_val "
+                           "0.3/0.5/0.7 (one training run per seed, selected at each λ), RPO with "
+                           "β=100 and RPO with soft labels (ℓ = p) on the toy subject, each over "
+                           "--seeds; writes "
                            "WORKDIR/experiment.md (mean ± std), experiment.json, experiment.png. "
                            "Finished runs are reused. Overrides: --config.KEY=VALUE apply to "
                            "every arm.")

@@ -47,21 +47,50 @@ def test_pipeline_text_encoder_is_the_clip_text_tower():
         np.testing.assert_array_equal(value, full[key])
 
 
+def test_encoder_batches_hold_negatives_that_only_shape_tells_apart():
+    specs = pretrain._encoder_specs(np.random.default_rng(0), 96)
+    assert len(specs) == 96
+    groups = [specs[i:i + 4] for i in range(48, 96, 4)]
+    for g in groups:
+        assert len({s.shape for s in g}) == 4
+        assert len({(s.colour, s.palette, s.scene) for s in g}) == 1
+
+
+@pytest.mark.parametrize("name,minimum", [("clip", 0.75), ("align", 0.85)])
+def test_dual_encoders_tell_shapes_apart(name, minimum):
+    """Zero-shot shape classification ("a circle", "a ring", ...) of fresh renders. Measured on
+    these 300 renders: CLIP 0.88, ALIGN 0.94 (chance 0.20; before shape-only negatives, CLIP 0.48,
+    and the pipeline's text encoder, CLIP's text tower, gave 'a red square on grass' and 'a red
+    ring on grass' cosine 0.991 over the first 8 token states; now 0.87)."""
+    from rpo_jax.encoders import load_dual_encoder
+
+    encoder = load_dual_encoder(ASSETS / name)
+    rng = np.random.default_rng(11)
+    specs = [world.random_spec(rng, unnamed_rate=0.0, allow_held_out=True) for _ in range(300)]
+    images = np.asarray(encoder.embed_images(world.render_batch(specs)))
+    texts = np.asarray(encoder.embed_texts([f"a {shape}" for shape in world.SHAPES]))
+    predicted = (images @ texts.T).argmax(1)
+    accuracy = np.mean([world.SHAPES[p] == s.shape for p, s in zip(predicted, specs)])
+    print(name, "zero-shot shape accuracy", accuracy)
+    assert accuracy >= minimum
+
+
 def test_quality_gate_on_held_out_prompts(tmp_path):
     """The base model draws the prompted colour, shape and scene on combinations it never saw."""
     gate = pretrain.quality_gate(ASSETS / "pipeline", ASSETS / "oracle", images_per_prompt=2, seed=1)
     acc = gate["accuracy"]
     shipped = json.loads((ASSETS / "report.json").read_text())["gate"]["accuracy"]
     print("quality gate", acc, "shipped report", shipped)
-    assert acc["colour"] >= GATE["colour"], acc
-    assert acc["scene"] >= GATE["scene"], acc
+    for attribute, minimum in GATE.items():
+        assert acc[attribute] >= minimum, acc
 
 
 # Chance: colour 1/6, shape 1/5, scene 1/9. Measured for this call (seed 1, 40 images): colour
-# 0.90, scene 0.90, shape 0.25; with seed 0 and 80 images 0.91 / 0.89 / 0.33. Shape is not
-# learned (at chance; the issue's 0.7 aim is missed, see README "Toy world"), so it is reported,
-# not asserted.
-GATE = {"colour": 0.75, "scene": 0.75}
+# 0.925, shape 0.70, scene 0.975; seeds 2 and 3: 0.975 / 0.65 / 0.975 and 0.90 / 0.60 / 1.00;
+# the shipped report (seed 0, 80 images): 0.975 / 0.64 / 0.99, and 0.95 / 0.69 / 0.99 at 160.
+# Shape sits just under the issue's 0.7 aim (README "Toy world"); the bounds keep margin for
+# another platform's floating point.
+GATE = {"colour": 0.8, "shape": 0.45, "scene": 0.85}
 
 
 @pytest.mark.slow

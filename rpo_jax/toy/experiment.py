@@ -5,9 +5,12 @@ Arms (all from configs/toy.py, the same negatives settings and training budget):
   base        the pretrained miniature SD, no fine-tuning
   L_sim only  w_pref = 0: DreamBooth without prior preservation
   L_pref only w_sim = 0
-  RPO λ=0.3 / 0.5 / 0.7   L_sim + L_pref, the checkpoint selected by validation at that λ_val
-                          (the three runs train identically; only model selection differs)
-  RPO β=100   L_sim + L_pref with β = 100 instead of 1 (λ_val 0.5): what β does
+  RPO λ=0.3 / 0.5 / 0.7   L_sim + L_pref, the checkpoint selected by validation at that λ_val:
+                          one training run per seed (``runs/rpo-seedN``) with
+                          ``eval.lambda_sweep`` = (0.3, 0.5, 0.7), since λ_val changes only the
+                          selection, never the training
+  RPO β=100   L_sim + L_pref with β = 100 instead of 1 (λ_val from the config): what β does
+  RPO soft labels  L_sim + L_pref with ℓ = p instead of ℓ ~ Bernoulli(p): what the label noise does
 
 Each trained arm is selected by validation reward like RPO (the paper's protocol for all its
 variants). Every arm is scored on the held-out prompts with ``test.num_images`` images per prompt
@@ -33,11 +36,13 @@ ARMS = {
     "base": {},
     "L_sim only": {"objective.w_pref": 0.0},
     "L_pref only": {"objective.w_sim": 0.0},
-    "RPO λ_val=0.3": {"reward.lambda_val": 0.3},
-    "RPO λ_val=0.5": {"reward.lambda_val": 0.5},
-    "RPO λ_val=0.7": {"reward.lambda_val": 0.7},
+    "RPO λ_val=0.3": {"select": 0.3},   # "select": model selection at this λ of the shared RPO run
+    "RPO λ_val=0.5": {"select": 0.5},
+    "RPO λ_val=0.7": {"select": 0.7},
     "RPO β=100": {"objective.beta": 100.0},
+    "RPO soft labels": {"labels.mode": "soft"},
 }
+RPO_SWEEP = tuple(spec["select"] for spec in ARMS.values() if "select" in spec)
 COLUMNS = (("clip_i", "fidelity: CLIP-I"), ("subject_rate", "fidelity: oracle subject rate"),
            ("subject_prob", "fidelity: oracle subject prob."),
            ("clip_t", "alignment: CLIP-T"), ("scene_accuracy", "alignment: oracle scene acc."),
@@ -49,29 +54,39 @@ def _slug(arm: str) -> str:
 
 
 def arm_config(base_config, arm: str, seed: int):
-    """The config of one (arm, seed) run."""
+    """The config of one (arm, seed) training run (the shared RPO run for the λ_val arms)."""
     c = copy.deepcopy(base_config)
     c.train.seed = seed
     c.negatives.seed = seed
     c.test.seed = base_config.test.seed + seed
     for key, value in ARMS[arm].items():
+        if key == "select":
+            c.eval.lambda_sweep = RPO_SWEEP
+            continue
         section, name = key.split(".")
         c[section][name] = value
     return c
 
 
+def _run_dir(workdir: Path, arm: str, seed: int) -> Path:
+    return workdir / "runs" / (f"rpo-seed{seed}" if "select" in ARMS[arm] else f"{_slug(arm)}-seed{seed}")
+
+
 def run_arm(config, arm: str, seed: int, workdir: Path, progress: bool) -> dict:
-    """Train (unless base) and score one arm; cached in WORKDIR/runs/<arm>-seed<N>/result.json.
+    """Train (unless base, or already trained) and score one arm; its result is cached in
+    WORKDIR/runs/<arm>-seed<N>/result.json, its images under the training run's eval/<label>/.
 
     The oracle's numbers are recomputed from the saved images on every call, so the table always
     reflects the current judges."""
     from rpo_jax import evaluation, preference
     from rpo_jax.train import train_and_evaluate
 
-    run_dir = workdir / "runs" / f"{_slug(arm)}-seed{seed}"
-    result_path = run_dir / "result.json"
+    run_dir = _run_dir(workdir, arm, seed)
+    result_path = workdir / "runs" / f"{_slug(arm)}-seed{seed}" / "result.json"
     c = arm_config(config, arm, seed)
-    label = "base" if arm == "base" else "best"
+    select = ARMS[arm].get("select")
+    swept = select is not None and select != float(c.reward.lambda_val)
+    label = "base" if arm == "base" else f"best-lambda{select:g}" if swept else "best"
     images_path = run_dir / evaluation.EVAL_DIR / label / evaluation.IMAGES_NAME
     if result_path.is_file() and images_path.is_file():
         result = json.loads(result_path.read_text())
@@ -84,14 +99,16 @@ def run_arm(config, arm: str, seed: int, workdir: Path, progress: bool) -> dict:
             out = evaluation.evaluate(c, run_dir, pretrained=pretrained, label=label, progress=progress)
             best_step = 0
         else:
-            summary = train_and_evaluate(c, run_dir, progress=progress)
-            out = evaluation.evaluate(c, run_dir, label=label, progress=progress)
-            best_step = summary["best_step"]
+            train_and_evaluate(c, run_dir, progress=progress)
+            out = evaluation.evaluate(c, run_dir, label=label, lambda_val=select if swept else None,
+                                      progress=progress)
+            best_step = out["scores"]["model"]["step"]
         images = out["images"]
         result = {"arm": arm, "seed": seed, "best_step": best_step, **out["scores"]["mean"],
                   "num_images": int(np.prod(images.shape[:2])),
                   "seconds": round(time.perf_counter() - t0, 1)}
     result.update(_oracle(c, run_dir, images))
+    result_path.parent.mkdir(parents=True, exist_ok=True)
     io.write_json(result, result_path)
     return result
 
