@@ -27,6 +27,33 @@ def test_oracle_is_near_perfect_on_fresh_renders():
     assert min(acc.values()) >= 0.97, acc
 
 
+def near_miss_rings(rng, n):
+    """Rings placed like the subject whose bands share at most one of its colours, or swap them."""
+    cyan, magenta = world.SUBJECT_PALETTE[:2]
+    others = [c for c in world._UNNAMED_COLOURS if c not in (cyan, magenta)]
+    specs = []
+    for i in range(n):
+        s = world.subject_spec(rng, world.SCENE_NAMES[i % len(world.SCENE_NAMES)], variation=2.0)
+        other = others[int(rng.integers(len(others)))]
+        palette = [(cyan, other), (other, magenta), (magenta, cyan)][i % 3]
+        specs.append(world.Spec("ring", None, s.scene, x=s.x, y=s.y, radius=s.radius,
+                                palette=palette, seed=s.seed))
+    return specs
+
+
+def test_subject_judge_reads_degraded_subjects_and_rejects_near_misses():
+    """Measured: degraded subject renders accepted 0.995, near misses 0.00-0.02 (clean/degraded)."""
+    judges = oracle_lib.load(ASSETS / "oracle")
+    rng = np.random.default_rng(77)
+    subjects = world.render_batch([world.subject_spec(rng, world.SCENE_NAMES[i % 9], variation=2.0)
+                                   for i in range(90)])
+    near = world.render_batch(near_miss_rings(rng, 90))
+    accept = lambda x: float(np.mean(judges.judge(x)["subject_prob"] > 0.5))
+    assert accept(oracle_lib.degrade(subjects, np.random.default_rng(1))) >= 0.9
+    assert accept(near) <= 0.1
+    assert accept(oracle_lib.degrade(near, np.random.default_rng(2))) <= 0.1
+
+
 def test_diffusers_and_transformers_load_the_shipped_models():
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
@@ -85,11 +112,11 @@ def test_quality_gate_on_held_out_prompts(tmp_path):
         assert acc[attribute] >= minimum, acc
 
 
-# Chance: colour 1/6, shape 1/5, scene 1/9. Measured for this call (seed 1, 40 images): colour
-# 0.925, shape 0.70, scene 0.975; seeds 2 and 3: 0.975 / 0.65 / 0.975 and 0.90 / 0.60 / 1.00;
-# the shipped report (seed 0, 80 images): 0.975 / 0.64 / 0.99, and 0.95 / 0.69 / 0.99 at 160.
-# Shape sits just under the issue's 0.7 aim (README "Toy world"); the bounds keep margin for
-# another platform's floating point.
+# Chance: colour 1/6, shape 1/5, scene 1/9. Measured with the shipped judges for this call (seed 1,
+# 40 images): colour 0.975, shape 0.675, scene 1.00; the shipped report (seed 0, 80 images): the
+# same. With the previous judges (milder degradations in training) seeds 1-3 gave colour
+# 0.90-0.975, shape 0.60-0.70, scene 0.975-1.00. Shape sits just under the issue's 0.7 aim
+# (README "Toy world"); the bounds keep margin for seeds and another platform's floating point.
 GATE = {"colour": 0.8, "shape": 0.45, "scene": 0.85}
 
 

@@ -3,8 +3,8 @@
 
 Because every training image is rendered from a known :class:`~rpo_jax.toy.world.Spec`, the
 labels are exact, and the judges are near-perfect on fresh renders (checked by a test). Half of
-their training images are degraded (blur, noise, colour shift; :func:`degrade`) so that they
-also read the blurry, noisy images a small diffusion model draws.
+their training images are degraded (lost detail, blur, noise, colour blotches; :func:`degrade`)
+so that they also read the blurry, blotchy images a small diffusion model draws.
 
 Heads (softmax over): colour (the 6 named colours + 'unnamed'), shape (5), scene (8), subject (2).
 Files: ``DIR/config.json`` (the label names and widths) and ``DIR/model.safetensors``.
@@ -97,15 +97,29 @@ def looks_like_subject(spec: world.Spec) -> bool:
 
 
 def degrade(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """What generated images look like next to clean renders: random blur (σ up to 1.2 px),
-    pixel noise (σ up to 20/255) and a small colour shift, per image. uint8 in and out."""
+    """What generated images look like next to clean renders, per image: lost detail (half of
+    them are resized down to 12-24 px and back), blur (σ up to 1.2 px), pixel noise (σ up to
+    30/255), blotchy colour error (an 8x8 field of per-channel noise, bilinearly upsampled, σ up
+    to 35/255) and a small global colour shift. uint8 in and out.
+
+    Measured (README "Toy world"): with only blur, pixel noise and the colour shift, the subject
+    judge rejected 98% of the fine-tuned model's rings on the held-out prompts although they plainly
+    show a cyan-outside, magenta-inside ring (the diffusion model's blotches, not blur, were what it
+    had never seen); with these it accepts 14-30% of them and still none of the base model's."""
     from PIL import Image, ImageFilter
 
     out = []
     for im in images:
-        x = Image.fromarray(im).filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.2))))
-        x = np.asarray(x, np.float32) + rng.normal(0, rng.uniform(0, 20), im.shape)
-        x = x + rng.normal(0, 8, (1, 1, 3))
+        h, w = im.shape[:2]
+        x = Image.fromarray(im)
+        if rng.random() < 0.5:
+            s = int(rng.integers(12, 25))
+            x = x.resize((s, s), Image.Resampling.BILINEAR).resize((w, h), Image.Resampling.BILINEAR)
+        x = np.asarray(x.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.2)))), np.float32)
+        x = x + rng.normal(0, rng.uniform(0, 30), im.shape)
+        blotches = np.stack([np.asarray(Image.fromarray(rng.normal(0, 1, (8, 8)).astype(np.float32)).resize(
+            (w, h), Image.Resampling.BILINEAR)) for _ in range(3)], -1)
+        x = x + blotches * rng.uniform(0, 35) + rng.normal(0, 10, (1, 1, 3))
         out.append(np.clip(np.rint(x), 0, 255).astype(np.uint8))
     return np.stack(out)
 
