@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job. With no arguments: RPO end to end on the built-in tiny config (random tiny SD
-# pipeline, random tiny ALIGN, a synthetic subject) in runs/tiny: negatives → training →
-# validation-based selection. Any arguments are passed to rpo-jax instead, e.g.
+# The main job. With no arguments: RPO end to end on the built-in default, configs/toy.py (the
+# shipped toy world: miniature SD, toy ALIGN reward, toy subject) in runs/toy: negatives →
+# training with validation-based selection → evaluation of base and fine-tuned model on held-out
+# prompts (report.md, comparison.png, curves.png). Any arguments are passed to rpo-jax instead, e.g.
 # `bash launch/run.sh sample --help`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
