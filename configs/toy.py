@@ -14,7 +14,7 @@ lr 1e-4) with validation-based selection at λ_val every 50 steps → evaluation
 model on the held-out prompts (8 images each). Leaves in runs/toy: report.md (the summary table),
 comparison.png (base vs fine-tuned per held-out prompt), curves.png (validation reward and loss
 terms over steps).
-Expected (2 CPU cores, @MAINTIME@), base → RPO (step 250) on the held-out prompts: CLIP-I
+Expected (2 CPU cores, 4.5 min), base → RPO (step 250) on the held-out prompts: CLIP-I
 0.302 → 0.555, CLIP-T 0.454 → 0.392, r_0.5 0.642 → 0.689, oracle subject rate 0 → 0.20, oracle
 scene accuracy 0.94 → 0.28. Seeds 1 and 2 (`:seed=N`) raise CLIP-I less (+0.05, +0.13) and the
 subject rate hardly (0, 0.02); README "Toy world" has the ablation over seeds.
