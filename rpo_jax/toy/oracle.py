@@ -103,9 +103,9 @@ def degrade(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     to 35/255) and a small global colour shift. uint8 in and out.
 
     Measured (README "Toy world"): with only blur, pixel noise and the colour shift, the subject
-    judge rejected 98% of the fine-tuned model's rings on the held-out prompts although they plainly
-    show a cyan-outside, magenta-inside ring (the diffusion model's blotches, not blur, were what it
-    had never seen); with these it accepts 14-30% of them and still none of the base model's."""
+    judge rejected 95-98% of two fine-tuned models' rings on the held-out prompts although they
+    plainly show a cyan-outside, magenta-inside ring (the diffusion model's blotches, not blur, were
+    what it had never seen); with these it accepts 6-20% of them and still none of the base model's."""
     from PIL import Image, ImageFilter
 
     out = []
