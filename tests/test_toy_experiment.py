@@ -7,8 +7,8 @@ import pytest
 from rpo_jax import config as config_lib
 from rpo_jax.toy import experiment
 
-# A few seconds of work per arm: the shipped toy models, 2 steps, 1 image per prompt.
-SMALL = ["--config.train.max_steps=2", "--config.eval.every=1", "--config.eval.num_images=1",
+# A few seconds of work per arm: the shipped toy models, 2 steps, 1 image per prompt, one device.
+SMALL = ["--config.mesh=(1,1,1)", "--config.train.max_steps=2", "--config.eval.every=1", "--config.eval.num_images=1",
          "--config.eval.num_inference_steps=2", "--config.negatives.k=1",
          "--config.negatives.num_inference_steps=2", "--config.test.num_images=1",
          "--config.test.num_inference_steps=2", "--config.train.checkpoint_every=2"]

@@ -28,7 +28,10 @@ from rpo_jax.train import train_and_evaluate
 
 MIN_FIDELITY_GAIN = 0.02    # CLIP-I; measured +0.253, +0.045, +0.134
 SCENE_TOLERANCE = 0.76      # oracle scene accuracy may fall by this much; measured −0.66, −0.41, −0.14
-OVERRIDES: list[str] = []  # the main job as shipped (300 steps, 8 held-out prompts × 8 images)
+# The main job as shipped (300 steps, 8 held-out prompts × 8 images), on one device as on a laptop:
+# the tests run with 8 virtual CPU devices (conftest.py), over which the default mesh would split
+# the 4 pairs of a step (measured: 404 s instead of ~250 s, and other floating-point sums).
+OVERRIDES = ["--config.mesh=(1,1,1)"]
 
 
 @pytest.fixture(scope="module")
