@@ -8,8 +8,8 @@ from rpo_jax import config as config_lib
 from rpo_jax.toy import experiment
 
 # A few seconds of work per arm: the shipped toy models, 2 steps, 1 image per prompt, one device.
-SMALL = ["--config.mesh=(1,1,1)", "--config.train.max_steps=2", "--config.eval.every=1", "--config.eval.num_images=1",
-         "--config.eval.num_inference_steps=2", "--config.negatives.k=1",
+SMALL = ["--config.mesh=(1,1,1)", "--config.train.max_steps=2", "--config.eval.every=1",
+         "--config.eval.num_images=1", "--config.eval.num_inference_steps=2", "--config.negatives.k=1",
          "--config.negatives.num_inference_steps=2", "--config.test.num_images=1",
          "--config.test.num_inference_steps=2", "--config.train.checkpoint_every=2"]
 
@@ -47,6 +47,7 @@ def test_unknown_arm_is_named(tmp_path):
                                   arms=("RPO λ_val=0.9",), progress=False)
 
 
+@pytest.mark.slow  # ~65 s of compiling on 2 cores with a cold XLA cache: keeps the suite under 15 min
 def test_miniature_experiment_shares_the_rpo_run_and_resumes(tmp_path):
     config = config_lib.resolve("configs/toy.py", SMALL)
     arms = ("base", "RPO λ_val=0.5", "RPO λ_val=0.3")
