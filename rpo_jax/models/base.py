@@ -37,6 +37,16 @@ def require_keys(config: Mapping[str, Any], source: str, keys: Iterable[str]) ->
             raise ConfigError(f"{source}: missing required key {key!r}")
 
 
+def check_pixel_values(pixel_values: Any, image_size: int, num_channels: int, note: str = "") -> None:
+    """Fail unless ``pixel_values`` is (batch, image_size, image_size, num_channels), channels-last,
+    as a ViT-style image tower (CLIP, DINO) takes it; ``note`` is added to the message."""
+    want = (image_size, image_size, num_channels)
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+        raise ValueError(f"pixel_values must be (batch, {want[0]}, {want[1]}, {want[2]}) "
+                         f"channels-last (preprocessed to the model's image_size{note}), got shape "
+                         f"{tuple(pixel_values.shape)}")
+
+
 def abstract_params(module: nn.Module, *inputs: Any, method: Callable | str | None = None) -> Any:
     """Params of ``module`` as ShapeDtypeStructs, still boxed with their logical axis names.
 

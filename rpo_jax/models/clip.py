@@ -229,14 +229,6 @@ class CLIPVisionEmbeddings(nn.Module):
         return x + positions[None]
 
 
-def _check_pixel_values(pixel_values: jnp.ndarray, config: CLIPVisionConfig) -> None:
-    want = (config.image_size, config.image_size, config.num_channels)
-    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
-        raise ValueError(f"pixel_values must be (batch, {want[0]}, {want[1]}, {want[2]}) "
-                         f"channels-last (preprocessed to the model's image_size), got shape "
-                         f"{tuple(pixel_values.shape)}")
-
-
 class CLIPVisionTransformer(nn.Module):
     """transformers' CLIP vision transformer (the weights under ``vision_model.``).
 
@@ -264,7 +256,7 @@ class CLIPVisionTransformer(nn.Module):
         ``output_hidden_states``, "hidden_states": the ``pre_layrnorm`` output followed by each
         layer's output (num_hidden_layers + 1 arrays).
         """
-        _check_pixel_values(pixel_values, self.config)
+        base.check_pixel_values(pixel_values, self.config.image_size, self.config.num_channels)
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         x, hidden_states = self.encoder(x, None, output_hidden_states=output_hidden_states)
         out = {"last_hidden_state": x, "pooler_output": self.post_layernorm(x[:, 0])}

@@ -269,14 +269,6 @@ class ViTEncoder(nn.Module):
         return x
 
 
-def _check_pixel_values(pixel_values: jnp.ndarray, config: ViTConfig) -> None:
-    want = (config.image_size, config.image_size, config.num_channels)
-    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
-        raise ValueError(f"pixel_values must be (batch, {want[0]}, {want[1]}, {want[2]}) "
-                         f"channels-last (preprocessed to the model's image_size; position-embedding "
-                         f"interpolation is not supported), got shape {tuple(pixel_values.shape)}")
-
-
 class ViTModel(nn.Module):
     """transformers' ``ViTModel``.
 
@@ -305,7 +297,8 @@ class ViTModel(nn.Module):
         "cls_embedding": (B, D) = last_hidden_state[:, 0] (what the DINO metric uses)} and, with
         the pooler, "pooler_output": (B, pooler_size) = pooler_act(dense(cls_embedding)).
         """
-        _check_pixel_values(pixel_values, self.config)
+        base.check_pixel_values(pixel_values, self.config.image_size, self.config.num_channels,
+                                 "; position-embedding interpolation is not supported")
         x = self.layernorm(self.encoder(self.embeddings(pixel_values)))
         out = {"last_hidden_state": x, "cls_embedding": x[:, 0]}
         if self.add_pooling_layer:
