@@ -255,6 +255,12 @@ def _jsonable(x: Any) -> Any:
 IMAGES_NAME = "images.npy"  # uint8 (P, n, H, W, 3), prompt-major, beside scores.json
 
 
+def default_label(*, base: bool = False, lambda_val: float | None = None) -> str:
+    """The eval/<label> folder name of a model: 'base' for a base pipeline, 'best' for the run's
+    selected UNet, 'best-lambda<λ>' for the one selected at a swept λ."""
+    return "base" if base else "best" if lambda_val is None else f"best-lambda{lambda_val:g}"
+
+
 def evaluate(config, workdir: str | os.PathLike, *, pretrained: str | os.PathLike | None = None,
              label: str | None = None, lambda_val: float | None = None, progress: bool = True) -> dict:
     """Evaluate a subject's model on the test prompts.
@@ -280,8 +286,7 @@ def evaluate(config, workdir: str | os.PathLike, *, pretrained: str | os.PathLik
                          "with --pretrained")
     if lambda_val is not None:
         lambda_val = reward_lib.check_lambda(lambda_val, "lambda_val")
-    label = label or ("base" if pretrained is not None else
-                      "best" if lambda_val is None else f"best-lambda{lambda_val:g}")
+    label = label or default_label(base=pretrained is not None, lambda_val=lambda_val)
     if not _LABEL.match(label):
         raise ValueError(f"label {label!r} must be a plain folder name (letters, digits, '_.-')")
     check_test_config(config)

@@ -86,7 +86,7 @@ def run_arm(config, arm: str, seed: int, workdir: Path, progress: bool) -> dict:
     c = arm_config(config, arm, seed)
     select = ARMS[arm].get("select")
     swept = select is not None and select != float(c.reward.lambda_val)
-    label = "base" if arm == "base" else f"best-lambda{select:g}" if swept else "best"
+    label = evaluation.default_label(base=arm == "base", lambda_val=select if swept else None)
     images_path = run_dir / evaluation.EVAL_DIR / label / evaluation.IMAGES_NAME
     if result_path.is_file() and images_path.is_file():
         result = json.loads(result_path.read_text())
