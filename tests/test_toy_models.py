@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from rpo_jax import toy
-from rpo_jax.toy import oracle as oracle_lib, pretrain, world
+from rpo_jax import images as images_lib, toy
+from rpo_jax.toy import oracle as oracle_lib, pretrain, subject as toy_subject, world
 
 ASSETS = toy.assets_dir()
 SHIPPED_LIMIT_BYTES = 25 * 2**20
@@ -18,6 +18,18 @@ def test_shipped_files_fit_the_budget():
     files = [p for p in ASSETS.rglob("*") if p.is_file()]
     assert {p.name for p in ASSETS.iterdir()} >= set(toy.NAMES)
     assert sum(p.stat().st_size for p in files) <= SHIPPED_LIMIT_BYTES
+
+
+def test_shipped_subject_is_what_the_code_writes(tmp_path):
+    toy_subject.write_subject(tmp_path)
+    shipped = sorted(p.name for p in (ASSETS / "subject").iterdir())
+    assert shipped == sorted(p.name for p in tmp_path.iterdir())
+    for name in shipped:  # pixels and JSON, not bytes: PNG encoders differ between Pillow builds
+        a, b = ASSETS / "subject" / name, tmp_path / name
+        if name.endswith(".png"):
+            np.testing.assert_array_equal(images_lib.load_image(a), images_lib.load_image(b), err_msg=name)
+        else:
+            assert json.loads(a.read_text()) == json.loads(b.read_text()), name
 
 
 def test_oracle_is_near_perfect_on_fresh_renders():

@@ -4,6 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from rpo_jax import images as images_lib
 from rpo_jax.toy import subject as toy_subject, world
 
 
@@ -72,5 +73,14 @@ def test_write_subject(tmp_path):
     toy_subject.write_subject(tmp_path)
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == toy_subject.NUM_REFERENCES
-    refs = [world.render(s) for s in toy_subject.reference_specs()]
-    assert not all(np.array_equal(refs[0], r) for r in refs[1:])  # small variations
+    specs = toy_subject.reference_specs()
+    assert [s.subject for s in specs] == [True] * toy_subject.NUM_REFERENCES
+    # one photo per scene, none of them a held-out scene; the reference prompt names no scene
+    scenes = [s.scene for s in specs]
+    assert len(set(scenes)) == len(scenes) and not set(scenes) & set(toy_subject.EVALUATION_SCENES)
+    with pytest.raises(ValueError, match="names no scene"):
+        toy_subject.prompt_scene(toy_subject.REFERENCE_PROMPT.format(identifier="sks", cls="ring"))
+    radii = {s.radius for s in specs}
+    assert len(radii) == len(specs)  # small variations of size
+    for png, spec in zip(pngs, specs):
+        np.testing.assert_array_equal(images_lib.load_image(png), world.render(spec))

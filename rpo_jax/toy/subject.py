@@ -2,7 +2,13 @@
 band, white centre dot), with reference photos, a class noun and prompts in DreamBench's style.
 
 * class noun "ring" (the base model knows rings, in the six named colours), identifier "sks";
-* 5 reference photos on the gray background, with small variations of size and position;
+* 5 reference photos, each in another of the 5 scenes the held-out prompts do not name (gray and
+  the 4 training scenes), with small variations of size and position, and the reference prompt
+  "a sks ring", which names no scene — as DreamBench's photos show one object in several everyday
+  places under "a photo of [V] {cls}". Measured (README "Toy world"): with all 5 on the gray
+  background ("a sks ring on a gray background"), fine-tuning pulled the held-out scenes toward
+  gray (oracle scene accuracy 0.94 → 0.28 on seed 0) and validation picked subject-less
+  checkpoints on 2 of 3 seeds;
 * 8 training prompts (for the negatives and validation) in 4 scenes, each named two ways;
 * 8 held-out evaluation prompts in 4 other scenes, which fine-tuning never sees.
 """
@@ -20,10 +26,10 @@ from rpo_jax.weights import io
 NAME = "toy-ring"
 CLASS_NOUN = "ring"
 IDENTIFIER = "sks"
-REFERENCE_SCENE = "gray"
 TRAINING_SCENES = ("snow", "grass", "night", "brick")
+REFERENCE_SCENES = ("gray",) + TRAINING_SCENES
 EVALUATION_SCENES = ("beach", "water", "sunset", "forest")
-NUM_REFERENCES = 5
+NUM_REFERENCES = len(REFERENCE_SCENES)
 
 
 def _prompts(scenes) -> list[str]:
@@ -32,7 +38,7 @@ def _prompts(scenes) -> list[str]:
 
 TRAINING_PROMPTS = tuple(_prompts(TRAINING_SCENES))
 EVALUATION_PROMPTS = tuple(_prompts(EVALUATION_SCENES))
-REFERENCE_PROMPT = "a {identifier} {cls} " + world.SCENES[REFERENCE_SCENE][0]
+REFERENCE_PROMPT = "a {identifier} {cls}"
 
 
 def prompt_scene(prompt: str) -> str:
@@ -45,7 +51,7 @@ def prompt_scene(prompt: str) -> str:
 
 def reference_specs(seed: int = 0) -> list[world.Spec]:
     rng = np.random.default_rng([seed, 99])
-    return [world.subject_spec(rng, REFERENCE_SCENE) for _ in range(NUM_REFERENCES)]
+    return [world.subject_spec(rng, scene) for scene in REFERENCE_SCENES]
 
 
 def write_subject(out_dir: str | os.PathLike, seed: int = 0) -> dict:
