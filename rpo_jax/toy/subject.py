@@ -7,8 +7,8 @@ band, white centre dot), with reference photos, a class noun and prompts in Drea
   "a sks ring", which names no scene — as DreamBench's photos show one object in several everyday
   places under "a photo of [V] {cls}". Measured (README "Toy world"): with all 5 on the gray
   background ("a sks ring on a gray background"), fine-tuning pulled the held-out scenes toward
-  gray (oracle scene accuracy 0.94 → 0.28 on seed 0) and validation picked subject-less
-  checkpoints on 2 of 3 seeds;
+  gray (oracle scene accuracy 0.94 → 0.28 on seed 0) and the selected checkpoints of seeds 1
+  and 2 showed the subject in 0 and 1 of 64 images;
 * 8 training prompts (for the negatives and validation) in 4 scenes, each named two ways;
 * 8 held-out evaluation prompts in 4 other scenes, which fine-tuning never sees.
 """
