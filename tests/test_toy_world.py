@@ -79,7 +79,8 @@ def test_write_subject(tmp_path):
     scenes = [s.scene for s in specs]
     assert len(set(scenes)) == len(scenes) and not set(scenes) & set(toy_subject.EVALUATION_SCENES)
     with pytest.raises(ValueError, match="names no scene"):
-        toy_subject.prompt_scene(toy_subject.REFERENCE_PROMPT.format(identifier="sks", cls="ring"))
+        toy_subject.prompt_scene(toy_subject.REFERENCE_PROMPT.format(identifier=toy_subject.IDENTIFIER,
+                                                                  cls=toy_subject.CLASS_NOUN))
     radii = {s.radius for s in specs}
     assert len(radii) == len(specs)  # small variations of size
     for png, spec in zip(pngs, specs):
