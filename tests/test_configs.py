@@ -1,9 +1,10 @@
 """Every shipped config resolves, has the trainer's keys, and documents its command."""
+import ast
 import pathlib
 
 import pytest
 
-from rpo_jax import config as config_lib, train
+from rpo_jax import cli, config as config_lib, train
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
 
@@ -21,8 +22,16 @@ def test_config_is_complete_and_documented(path):
     train.check_config(config)  # every value in range
     reference = config_lib.to_json_dict(config_lib.resolve(str(CONFIGS[0])))
     assert _keys(config_lib.to_json_dict(config)) == _keys(reference)
-    text = path.read_text()
-    assert "rpo-jax " in text and ("Command" in text), f"{path.name}: docstring needs the command"
+    doc = (ast.get_docstring(ast.parse(path.read_text())) or "").replace("\\\n", " ")
+    commands = [line.split("#")[0].split() for line in doc.splitlines()
+                if line.strip().startswith("rpo-jax ")]
+    assert commands, f"{path.name}: the docstring shows no `rpo-jax ...` command"
+    parser = cli.build_parser()
+    for words in commands:  # each documented command parses, and the train/negatives ones run this file
+        args, overrides = parser.parse_known_args(words[1:])
+        assert all(o.startswith("--config.") for o in overrides), " ".join(words)
+        if getattr(args, "config", None) is not None:
+            assert pathlib.Path(args.config.split(":")[0]).name == path.name, " ".join(words)
 
 
 def test_dreambench_subjects_and_args():

@@ -77,17 +77,23 @@ def test_negatives_on_tiny_pipeline(tiny_run):
     np.testing.assert_array_equal(data.pair(np.array([0, 17])), ([0, 1], [0, 1]))
 
 
-def test_rerun_reuses_and_changed_setting_regenerates(tiny_run, capsys):
+def test_rerun_reuses(tiny_run, capsys):
     workdir, manifest = tiny_run
     image = workdir / "negatives" / manifest["negatives"][0]["file"]
     stamp = image.stat().st_mtime_ns
     again = preference.prepare_preference_data(_tiny_config(), workdir, progress=True)
     assert "reusing" in capsys.readouterr().out
     assert again["fingerprint"] == manifest["fingerprint"] and image.stat().st_mtime_ns == stamp
-    changed = preference.prepare_preference_data(_tiny_config(**{"negatives.k": 1}), workdir, progress=False)
-    assert len(changed["negatives"]) == 8 and changed["fingerprint"] != manifest["fingerprint"]
-    # put the original back for other tests
-    preference.prepare_preference_data(_tiny_config(), workdir, progress=False)
+
+
+def test_changed_setting_regenerates(tiny_run, tmp_path):
+    _, manifest = tiny_run  # a workdir of its own: the module's fixture stays as it is
+    fewer = preference.prepare_preference_data(_tiny_config(**{"negatives.k": 1}), tmp_path, progress=False)
+    assert len(fewer["negatives"]) == 8 and fewer["fingerprint"] != manifest["fingerprint"]
+    changed = preference.prepare_preference_data(_tiny_config(), tmp_path, progress=False)
+    assert len(changed["negatives"]) == 16 and changed["fingerprint"] != fewer["fingerprint"]
+    assert json.loads((tmp_path / "negatives" / "manifest.json").read_text())["fingerprint"] == \
+        changed["fingerprint"]
 
 
 def test_sharded_sampling_matches_one_device(tiny_run, tmp_path):
