@@ -206,9 +206,13 @@ def _dreambench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rpo-jax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="rpo-jax", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reward Preference Optimization (Miao et al., NeurIPS 2024) in JAX:\n"
+                    "fine-tune a Stable Diffusion UNet on a few photos of a subject.",
+        epilog="Commands that take --config FILE.py[:ARG] also take overrides --config.KEY=VALUE.\n"
+               "Run 'rpo-jax COMMAND --help' for each command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="sampling smoke test: a random tiny pipeline → PNGs",
                        description="Build a random tiny SD-2.1-shaped pipeline in WORKDIR (once) "
