@@ -503,18 +503,9 @@ def _table_markdown(results: dict, metrics: Sequence[str]) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``text`` to ``path`` atomically (``fsutil.atomic_file``)."""
+    with fsutil.atomic_file(path) as f:
+        f.write(text)
 
 
 # ---- command line -----------------------------------------------------------------------------

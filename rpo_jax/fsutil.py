@@ -1,4 +1,11 @@
-"""Writing output folders so that a failed run never damages what was there before."""
+"""Writing output files and folders so that a failed run never damages what was there before.
+
+One atomic writer for each: ``atomic_file`` (a file) and ``atomic_dir`` (a folder). Both write
+under a temporary name beside the target and rename it over the target only on success; on an
+error the temporary is removed and the target is untouched. What they leave has the permissions
+an ordinary ``open``/``mkdir`` would give (0644 / 0755 under the usual umask), not the 0600 / 0700
+of ``tempfile``.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 
 def check_writable_dir(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -16,6 +23,37 @@ def check_writable_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise FileExistsError(f"{out} exists and is not empty; choose another output folder or "
                               "pass --overwrite (overwrite=True) to replace it")
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` (``mode`` "w" text or "wb" bytes); on success it is
+    flushed to disk, given ordinary permissions and renamed onto ``path``.
+
+    On an exception the temporary file is deleted and ``path`` is untouched. The parent folder is
+    created if missing.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_file: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -29,6 +67,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rpo_jax import images as images_lib
+from rpo_jax import fsutil, images as images_lib
 from rpo_jax.weights import io
 
 
@@ -89,14 +89,15 @@ def plot_curves(workdir: Path, path: Path, lambda_val: float, best_step: int | N
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure as PNG atomically (a temporary name, then a rename) and close it."""
+    """Write a matplotlib figure as PNG atomically (``fsutil.atomic_file``) and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with fsutil.atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 

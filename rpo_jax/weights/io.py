@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
+
+from rpo_jax import fsutil
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
 TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
@@ -121,10 +122,7 @@ def save_state_dict(state_dict: dict[str, np.ndarray], path: str | os.PathLike) 
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> None:
-    """Write ``obj`` as indented, key-sorted JSON, atomically (temp file + rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+    """Write ``obj`` as indented, key-sorted JSON, atomically (``fsutil.atomic_file``)."""
+    with fsutil.atomic_file(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
