@@ -20,8 +20,8 @@ A40). Not yet measured with rpo-jax: no SD 2.1 / ALIGN weights or accelerator he
 """
 import ml_collections
 
-from rpo_jax.config import ConfigError, parse_arg
-from rpo_jax.dreambench import SUBJECTS  # DreamBench subjects → (class noun, live). rpo-spec §5.
+from rpo_jax.core.config import ConfigError, parse_arg
+from rpo_jax.evaluation.dreambench import SUBJECTS  # DreamBench subjects → (class noun, live). rpo-spec §5.
 
 
 def get_config(arg=None):

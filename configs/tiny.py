@@ -16,7 +16,7 @@ reuses the negatives and resumes training; `--config.negatives.k=3` regenerates 
 """
 import ml_collections
 
-from rpo_jax.config import parse_arg
+from rpo_jax.core.config import parse_arg
 
 
 def get_config(arg=None):
@@ -39,7 +39,7 @@ def get_config(arg=None):
     c.attention_impl = "auto"                 # auto | einsum | blocked
     c.mesh = (-1, 1, 1)                       # (data, fsdp, tensor); -1 fills with the devices left
     c.logical_axis_rules = ()                 # ((logical, mesh axes), ...) before the defaults in
-                                              # rpo_jax/partitioning.py, e.g. (("heads", "fsdp"),)
+                                              # rpo_jax/core/partitioning.py, e.g. (("heads", "fsdp"),)
     c.negatives = ml_collections.ConfigDict(dict(
         k=2,                                  # images per training prompt (paper: 4; authors' code: 16)
         seed=0,

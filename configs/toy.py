@@ -24,7 +24,7 @@ Arguments (`configs/toy.py:KEY=VALUE,...`): lambda_val (0.5), seed (0).
 """
 import ml_collections
 
-from rpo_jax.config import parse_arg
+from rpo_jax.core.config import parse_arg
 from rpo_jax.toy import subject as toy_subject
 
 

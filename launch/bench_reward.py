@@ -27,7 +27,8 @@ def _median_ms(fn, runs):
 
 
 def main() -> None:
-    from rpo_jax import encoders, reward, tiny_encoders
+    from rpo_jax.reward import encoders, harmonic as reward
+    from rpo_jax.testing import tiny_encoders
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=32)

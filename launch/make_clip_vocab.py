@@ -30,7 +30,7 @@ import json
 import os
 import sys
 
-from rpo_jax.tokenizer import bytes_to_unicode
+from rpo_jax.sd.tokenizer import bytes_to_unicode
 
 NUM_MERGES = 49152 - 256 - 2  # 48,894
 VOCAB_SIZE = 49408

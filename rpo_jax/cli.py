@@ -40,8 +40,8 @@ def _sample(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     from PIL import Image
 
-    from rpo_jax import fsutil
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.core import fsutil
+    from rpo_jax.sd.pipeline import load_pipeline
 
     out = fsutil.check_writable_dir(args.out, args.overwrite)  # fail before the work
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from rpo_jax.pipeline import load_pipeline, save_pipeline
+    from rpo_jax.sd.pipeline import load_pipeline, save_pipeline
 
     if (args.pretrained is None) == (args.workdir is None):
         print("error: give exactly one of --pretrained DIR or --workdir W", file=sys.stderr)
@@ -91,9 +91,9 @@ def _export(args: argparse.Namespace) -> int:
     import jax
     import ml_collections
 
-    from rpo_jax import preference
+    from rpo_jax.rpo import preference
     from rpo_jax.models import base, unet as unet_lib
-    from rpo_jax.train import load_best_params
+    from rpo_jax.rpo.train import load_best_params
 
     workdir = Path(args.workdir).absolute()
     config_path = workdir / "config.json"
@@ -113,7 +113,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    from rpo_jax.tiny import make_tiny_pipeline
+    from rpo_jax.testing.tiny import make_tiny_pipeline
 
     out = make_tiny_pipeline(args.out, seed=args.seed, flavour=args.flavour)
     print(f"wrote a random tiny {args.flavour} pipeline to {out}")
@@ -121,7 +121,7 @@ def _tiny(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rpo_jax.tiny import make_tiny_pipeline
+    from rpo_jax.testing.tiny import make_tiny_pipeline
 
     workdir = Path(args.workdir)
     pipeline_dir = workdir / "tiny-pipeline"
@@ -139,8 +139,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _negatives(args: argparse.Namespace) -> int:
-    from rpo_jax import config as config_lib
-    from rpo_jax.preference import prepare_preference_data
+    from rpo_jax.core import config as config_lib
+    from rpo_jax.rpo.preference import prepare_preference_data
 
     config = config_lib.resolve(args.config, args.overrides)
     manifest = prepare_preference_data(config, args.workdir)
@@ -155,15 +155,15 @@ def _negatives(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rpo_jax import config as config_lib
-    from rpo_jax.train import train_and_evaluate
+    from rpo_jax.core import config as config_lib
+    from rpo_jax.rpo.train import train_and_evaluate
 
     config = config_lib.resolve(args.config, args.overrides)
     summary = train_and_evaluate(config, args.workdir)
     if summary["interrupted"]:
         return 143
     if config.test.num_images > 0:  # base vs selected model on the held-out prompts
-        from rpo_jax.report import write_report
+        from rpo_jax.evaluation.report import write_report
         write_report(config, args.workdir)
     return 0
 
@@ -183,8 +183,8 @@ def _toy_pretrain(args: argparse.Namespace) -> int:
 
 
 def _toy_experiment(args: argparse.Namespace) -> int:
-    from rpo_jax import config as config_lib
-    from rpo_jax.toy.experiment import ARMS, run_experiment
+    from rpo_jax.core import config as config_lib
+    from rpo_jax.jobs.toy_experiment import ARMS, run_experiment
 
     config = config_lib.resolve(args.config, args.overrides)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -194,13 +194,13 @@ def _toy_experiment(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rpo_jax.evaluation import eval_command
+    from rpo_jax.evaluation.heldout import eval_command
 
     return eval_command(args)
 
 
 def _dreambench(args: argparse.Namespace) -> int:
-    from rpo_jax.evaluation import dreambench_command
+    from rpo_jax.evaluation.heldout import dreambench_command
 
     return dreambench_command(args)
 

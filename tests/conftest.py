@@ -33,8 +33,8 @@ def nhwc(x):
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dirs(tmp_path_factory):
-    """{flavour: folder} of random tiny pipelines written by rpo_jax.tiny (made once)."""
-    from rpo_jax.tiny import FLAVOURS, make_tiny_pipeline
+    """{flavour: folder} of random tiny pipelines written by rpo_jax.testing.tiny (made once)."""
+    from rpo_jax.testing.tiny import FLAVOURS, make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
     return {f: make_tiny_pipeline(root / f, seed=1, flavour=f) for f in FLAVOURS}

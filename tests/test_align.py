@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import max_rel_err
-from rpo_jax import tiny_encoders
+from rpo_jax.testing import tiny_encoders
 from rpo_jax.models import align, base
 from rpo_jax.weights.io import WeightsError
 
@@ -100,7 +100,7 @@ def test_every_param_has_logical_axes():
 def test_align_base_loads_from_a_folder_and_matches(tmp_path):
     """The real align-base config (random weights) builds, loads from a transformers folder and
     matches transformers on one image and one padded prompt."""
-    from rpo_jax import architectures
+    from rpo_jax.testing import architectures
 
     torch.manual_seed(0)
     model = transformers.AlignModel(transformers.AlignConfig(**architectures.align_base())).eval()

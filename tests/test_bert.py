@@ -1,6 +1,6 @@
 """Parity of rpo_jax.models.bert.AlignTextModel with transformers' AlignTextModel, and its weight I/O.
 
-Tiny towers (hidden 32, 2 layers, 4 heads) over a vocabulary from ``rpo_jax.wordpiece.build_vocab``,
+Tiny towers (hidden 32, 2 layers, 4 heads) over a vocabulary from ``rpo_jax.reward.wordpiece.build_vocab``,
 with perturbed weights (LayerNorm scales and biases too), fed ids from the wordpiece tokenizer padded
 to ALIGN's 64 tokens with a padding attention mask. The real bert-base tower of align-base is the
 opt-in ``slow`` test.
@@ -23,7 +23,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 from rpo_jax import partitioning  # noqa: E402
 from rpo_jax.models import base, bert  # noqa: E402
 from rpo_jax.weights import io  # noqa: E402
-from rpo_jax.wordpiece import BertTokenizer, build_vocab  # noqa: E402
+from rpo_jax.reward.wordpiece import BertTokenizer, build_vocab  # noqa: E402
 
 PROMPTS = ["a photo of sks dog", "a [V] dog on the Moon, highly detailed, 8k",
            "A PHOTO OF A CAT IN THE SNOW", "unknown words zebra xylophone \u2603 \u0416", "",

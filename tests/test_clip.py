@@ -375,7 +375,7 @@ def test_every_param_has_logical_spec():
     assert shapes[("vision_model", "embeddings", "patch_embedding", "kernel")].shape == (4, 4, 3, 32)
     assert ("vision_model", "embeddings", "patch_embedding", "bias") not in shapes
     # The shared sharding helpers accept every spec (scalar included) on an 8-device mesh.
-    from rpo_jax import partitioning
+    from rpo_jax.core import partitioning
     mesh = partitioning.make_mesh((2, 2, 2))
     shardings = partitioning.param_shardings(abstract, mesh)
     assert len(jax.tree.leaves(shardings)) == len(shapes)

@@ -2,11 +2,11 @@
 import ml_collections
 import pytest
 
-from rpo_jax import config as config_lib
+from rpo_jax.core import config as config_lib
 
 CONFIG = '''
 import ml_collections
-from rpo_jax.config import parse_arg
+from rpo_jax.core.config import parse_arg
 
 def get_config(arg=None):
     """Doc."""

@@ -4,7 +4,9 @@ import pathlib
 
 import pytest
 
-from rpo_jax import cli, config as config_lib, train
+from rpo_jax import cli
+from rpo_jax.core import config as config_lib
+from rpo_jax.rpo import train
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
 

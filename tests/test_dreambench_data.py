@@ -1,4 +1,4 @@
-"""rpo_jax.dreambench: tables, prompts file, photo folders, and the TFDS builder without TensorFlow.
+"""rpo_jax.evaluation.dreambench: tables, prompts file, photo folders, and the TFDS builder without TensorFlow.
 
 A tiny DreamBench-shaped folder is made with Pillow in a temporary folder: ``backpack`` (an
 EXIF-rotated JPEG and an RGBA PNG) and ``dog`` (a two-frame MPO JPEG and a grayscale JPEG).
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rpo_jax import dreambench as db
-from rpo_jax.images import ImageError
+from rpo_jax.evaluation import dreambench as db
+from rpo_jax.core.images import ImageError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -377,7 +377,7 @@ NO_TF_SCRIPT = textwrap.dedent("""
             raise ImportError(f"{module.__name__} must not be imported")
 
     sys.meta_path.insert(0, ExplodingTensorFlow())
-    from rpo_jax import dreambench
+    from rpo_jax.evaluation import dreambench
     builder = dreambench.build_dreambench(sys.argv[1], sys.argv[2])
     source = builder.as_data_source("train")
     assert [source[i]["image"].shape[-1] for i in range(len(source))] == [3] * 4

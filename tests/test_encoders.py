@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from conftest import max_rel_err
-from rpo_jax import encoders, reward, tiny_encoders
+from rpo_jax.reward import encoders, harmonic as reward
+from rpo_jax.testing import tiny_encoders
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -6,9 +6,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from rpo_jax import config as config_lib, dreambench, evaluation, images as images_lib, train
+from rpo_jax.core import config as config_lib, images as images_lib
+from rpo_jax.evaluation import dreambench, heldout as evaluation
+from rpo_jax.rpo import train
 from rpo_jax.cli import main
-from rpo_jax.tiny import make_tiny_subject
+from rpo_jax.testing.tiny import make_tiny_subject
 
 CONFIG = str(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py")
 # 2 steps, validations at 0 and 2; one device; 1 image per prompt, 2 DDIM steps.
@@ -96,7 +98,7 @@ def test_base_evaluation_is_reproducible_and_skips_metrics(trained, capsys):
 
 
 def test_generation_does_not_depend_on_batch_size(trained):
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.sd.pipeline import load_pipeline
 
     workdir, _ = trained
     pipe = load_pipeline(workdir / "assets" / "tiny-sd21")

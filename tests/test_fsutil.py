@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from rpo_jax import fsutil
+from rpo_jax.core import fsutil
 
 
 def _mode(path):

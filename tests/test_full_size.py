@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import max_rel_err, nchw, nhwc
-from rpo_jax import architectures
+from rpo_jax.testing import architectures
 from rpo_jax.models import clip_text, unet, vae
 
 torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""rpo_jax.images: real-world photo forms in, upright RGB uint8 out; clear errors; atomic writes.
+"""rpo_jax.core.images: real-world photo forms in, upright RGB uint8 out; clear errors; atomic writes.
 
 Every file is made here with Pillow (or by hand, for 16-bit RGB PNGs) in tmp_path.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from rpo_jax.images import (
+from rpo_jax.core.images import (
     IMAGE_SUFFIXES, ImageError, list_images, load_image, load_reference_images, resize_square,
     save_grid, save_png, to_model_range,
 )

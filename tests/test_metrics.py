@@ -1,10 +1,12 @@
-"""DreamBench metrics (rpo_jax.metrics) against the same metrics computed with transformers."""
+"""DreamBench metrics (rpo_jax.evaluation.metrics) against the same metrics computed with transformers."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rpo_jax import encoders, metrics, reward, tiny_encoders
+from rpo_jax.reward import encoders, harmonic as reward
+from rpo_jax.evaluation import metrics
+from rpo_jax.testing import tiny_encoders
 from rpo_jax.models import vit
 
 torch = pytest.importorskip("torch")

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpo_jax import objective, schedulers
-from rpo_jax.objective import ObjectiveConfig
+from rpo_jax.rpo import objective
+from rpo_jax.sd import schedulers
+from rpo_jax.rpo.objective import ObjectiveConfig
 
 B, H, W, C, L, D = 3, 4, 4, 2, 5, 6
 AC = schedulers.NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085,
@@ -309,7 +310,7 @@ def test_shape_errors():
 
 def test_tiny_unet_runs_under_jit(tiny_pipeline_dirs):
     """The real (tiny) UNet through loss_and_grads: finite loss, both terms contribute."""
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.sd.pipeline import load_pipeline
 
     folder = tiny_pipeline_dirs["sd21"]
     pipe = load_pipeline(folder, dtype=jnp.float32)

@@ -6,7 +6,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from conftest import max_rel_err
-from rpo_jax import partitioning, tiny
+from rpo_jax.core import partitioning
+from rpo_jax.testing import tiny
 from rpo_jax.models import base, clip_text, unet, vae
 
 

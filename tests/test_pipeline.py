@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import max_rel_err, nchw, nhwc
-from rpo_jax import pipeline as pipeline_lib
-from rpo_jax.pipeline import load_pipeline, save_pipeline
-from rpo_jax.tiny import FLAVOURS
+from rpo_jax.sd import pipeline as pipeline_lib
+from rpo_jax.sd.pipeline import load_pipeline, save_pipeline
+from rpo_jax.testing.tiny import FLAVOURS
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpo_jax import config as config_lib, partitioning, preference
-from rpo_jax.preference import PreferenceData, Subject
+from rpo_jax.core import config as config_lib, partitioning
+from rpo_jax.rpo import preference
+from rpo_jax.rpo.preference import PreferenceData, Subject
 
 
 def test_prompts_follow_the_paper(tmp_path):
@@ -98,7 +99,7 @@ def test_changed_setting_regenerates(tiny_run, tmp_path):
 
 def test_sharded_sampling_matches_one_device(tiny_run, tmp_path):
     workdir, manifest = tiny_run
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.sd.pipeline import load_pipeline
 
     pipe = load_pipeline(workdir / "assets" / "tiny-sd21")
     settings = preference.NegativesSettings(k=1, num_inference_steps=3, batch_size=8)
@@ -137,7 +138,7 @@ def test_reference_folder_without_images(tmp_path):
 
 
 def test_truncated_reference_photo_is_named(tmp_path):
-    from rpo_jax import tiny
+    from rpo_jax.testing import tiny
 
 
     photos = tiny.make_tiny_subject(tmp_path / "photos")

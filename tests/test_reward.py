@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpo_jax import reward
+from rpo_jax.reward import harmonic as reward
 
 
 def _unit(x):

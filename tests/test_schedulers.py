@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpo_jax import schedulers
-from rpo_jax.schedulers import NoiseSchedule
+from rpo_jax.sd import schedulers
+from rpo_jax.sd.schedulers import NoiseSchedule
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -1,4 +1,4 @@
-"""Parity of rpo_jax.tokenizer.CLIPTokenizer with transformers' CLIP tokenizer.
+"""Parity of rpo_jax.sd.tokenizer.CLIPTokenizer with transformers' CLIP tokenizer.
 
 transformers >= 5 has one CLIP tokenizer (tokenizers-backed; ``CLIPTokenizerFast`` is an alias of
 ``CLIPTokenizer``), both classes are still checked. Reference folders mimic the ``tokenizer/``
@@ -20,7 +20,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from rpo_jax.tokenizer import ASSETS_DIR, CLIPTokenizer, TokenizerFileError, bytes_to_unicode
+from rpo_jax.sd.tokenizer import ASSETS_DIR, CLIPTokenizer, TokenizerFileError, bytes_to_unicode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PADS = ["<|endoftext|>", "!"]
@@ -186,7 +186,7 @@ def test_make_clip_vocab_script(tmp_path):
 
 
 def test_no_heavy_imports():
-    code = "import sys, rpo_jax.tokenizer as t; t.CLIPTokenizer.default()('a dog'); " \
+    code = "import sys, rpo_jax.sd.tokenizer as t; t.CLIPTokenizer.default()('a dog'); " \
            "bad = [m for m in ('transformers', 'torch', 'tokenizers', 'jax') if m in sys.modules]; " \
            "assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from rpo_jax import config as config_lib
-from rpo_jax.toy import experiment
+from rpo_jax.core import config as config_lib
+from rpo_jax.jobs import toy_experiment as experiment
 
 # A few seconds of work per arm: the shipped toy models, 2 steps, 1 image per prompt, one device.
 SMALL = ["--config.mesh=(1,1,1)", "--config.train.max_steps=2", "--config.eval.every=1",

@@ -23,9 +23,9 @@ import json
 
 import pytest
 
-from rpo_jax import config as config_lib
-from rpo_jax.report import write_report
-from rpo_jax.train import train_and_evaluate
+from rpo_jax.core import config as config_lib
+from rpo_jax.evaluation.report import write_report
+from rpo_jax.rpo.train import train_and_evaluate
 
 MIN_SUBJECT_RATE_GAIN = 0.02  # oracle subject rate; measured +0.141, +0.047, +0.062
 MIN_FIDELITY_GAIN = 0.04      # CLIP-I; measured +0.200, +0.075, +0.083

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from rpo_jax import images as images_lib, toy
+from rpo_jax.core import images as images_lib
+from rpo_jax import toy
 from rpo_jax.toy import oracle as oracle_lib, pretrain, subject as toy_subject, world
 
 ASSETS = toy.assets_dir()
@@ -101,7 +102,7 @@ def test_dual_encoders_tell_shapes_apart(name, minimum):
     these 300 renders: CLIP 0.88, ALIGN 0.94 (chance 0.20; before shape-only negatives, CLIP 0.48,
     and the pipeline's text encoder, CLIP's text tower, gave 'a red square on grass' and 'a red
     ring on grass' cosine 0.991 over the first 8 token states; now 0.87)."""
-    from rpo_jax.encoders import load_dual_encoder
+    from rpo_jax.reward.encoders import load_dual_encoder
 
     encoder = load_dual_encoder(ASSETS / name)
     rng = np.random.default_rng(11)

@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from rpo_jax import images as images_lib
+from rpo_jax.core import images as images_lib
 from rpo_jax.toy import subject as toy_subject, world
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rpo_jax import config as config_lib, train
+from rpo_jax.core import config as config_lib
+from rpo_jax.rpo import train
 from rpo_jax.cli import main
 
 CONFIG = str(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py")
@@ -93,7 +94,7 @@ def test_lambda_sweep_keeps_the_best_unet_per_lambda(run):
     top = max(trained, key=lambda e: e["reward@0.3"])
     assert summary["lambda_sweep"]["0.3"] == {"best_reward": top["reward@0.3"], "best_step": top["step"]}
     from rpo_jax.models import base as base_lib, unet as unet_lib
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.sd.pipeline import load_pipeline
     p = load_pipeline(workdir / "assets" / "tiny-sd21")
     abstract = nn.unbox(base_lib.abstract_params(p.unet, *unet_lib.init_inputs(p.unet.config)))
     params, meta = train.load_best_params(workdir, abstract, 0.3)
@@ -114,7 +115,7 @@ def test_training_changes_the_unet_and_export_loads_in_diffusers(run, tmp_path):
     w, w0 = pipe.unet.conv_in.weight.detach().numpy(), base.unet.conv_in.weight.detach().numpy()
     assert not np.allclose(w, w0)  # the best UNet, not the base one
     from rpo_jax.models import base as base_lib, unet as unet_lib
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.sd.pipeline import load_pipeline
     p = load_pipeline(workdir / "assets" / "tiny-sd21")
     abstract = nn.unbox(base_lib.abstract_params(p.unet, *unet_lib.init_inputs(p.unet.config)))
     best, meta = train.load_best_params(workdir, abstract)

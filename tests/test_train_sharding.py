@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rpo_jax import config as config_lib, partitioning, tiny, train
+from rpo_jax.core import config as config_lib, partitioning
+from rpo_jax.testing import tiny
+from rpo_jax.rpo import train
 from rpo_jax.models import base, unet
 
 import pathlib
@@ -38,7 +40,7 @@ def setup():
         "neg_prompt_index": np.arange(nn_, dtype=np.int32) % p,
         "pref_prob": rng.uniform(0.3, 0.7, (nr, nn_)).astype(np.float32),
     }
-    from rpo_jax.schedulers import NoiseSchedule
+    from rpo_jax.sd.schedulers import NoiseSchedule
     alphas = jnp.asarray(NoiseSchedule.from_dict(tiny.scheduler_config("sd21")).alphas_cumprod)
     return config, module, abstract, params, cache, alphas
 

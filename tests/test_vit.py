@@ -16,7 +16,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from rpo_jax import encoders, tiny, tiny_encoders  # noqa: E402
+from rpo_jax.reward import encoders
+from rpo_jax.testing import tiny
+from rpo_jax import tiny_encoders  # noqa: E402
 from rpo_jax.models import base, vit  # noqa: E402
 from rpo_jax.weights import io  # noqa: E402
 
@@ -154,7 +156,7 @@ def test_every_param_has_logical_spec():
     assert tuple(specs[("embeddings", "cls_token")]) == (None, None, "embed")
     assert tuple(specs[("embeddings", "position_embeddings")]) == (None, "pos", "embed")
     assert tuple(specs[("encoder", "layer_1", "attention", "attention", "query", "kernel")]) == ("embed", "heads")
-    from rpo_jax import partitioning
+    from rpo_jax.core import partitioning
     shardings = partitioning.param_shardings(abstract, partitioning.make_mesh((2, 2, 2)))
     assert len(jax.tree.leaves(shardings)) == len(shapes)
 

@@ -1,8 +1,8 @@
-"""Parity of rpo_jax.wordpiece.BertTokenizer with transformers' BertTokenizer (ALIGN's tokenizer).
+"""Parity of rpo_jax.reward.wordpiece.BertTokenizer with transformers' BertTokenizer (ALIGN's tokenizer).
 
 transformers >= 5 has one BERT tokenizer backed by HuggingFace ``tokenizers`` (``BertTokenizerFast``
 is an alias of ``BertTokenizer``); both names are still checked. Vocabularies are made with
-:func:`rpo_jax.wordpiece.build_vocab` so that most words of the prompts are whole tokens, some
+:func:`rpo_jax.reward.wordpiece.build_vocab` so that most words of the prompts are whole tokens, some
 split into ``##`` pieces and some are [UNK].
 
 A full sweep of all 1,112,064 code points through ``f"a{c}b {c}{c}X{c}Σ{c}"`` (normaliser +
@@ -22,8 +22,8 @@ import unicodedata
 import numpy as np
 import pytest
 
-from rpo_jax import wordpiece
-from rpo_jax.wordpiece import ALIGN_MAX_LENGTH, BertTokenizer, TokenizerFileError, build_vocab, write_vocab
+from rpo_jax.reward import wordpiece
+from rpo_jax.reward.wordpiece import ALIGN_MAX_LENGTH, BertTokenizer, TokenizerFileError, build_vocab, write_vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,7 +113,7 @@ def _assert_same(ours_out, theirs, texts, tok):
 
 
 def test_no_heavy_imports():
-    code = ("import sys, rpo_jax.wordpiece as w; t = w.BertTokenizer(w.build_vocab(['a dog'])); t('a dog'); "
+    code = ("import sys, rpo_jax.reward.wordpiece as w; t = w.BertTokenizer(w.build_vocab(['a dog'])); t('a dog'); "
             "bad = [m for m in ('transformers', 'torch', 'tokenizers', 'jax') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

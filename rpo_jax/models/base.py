@@ -63,7 +63,7 @@ def load_params(model_dir: str | os.PathLike, abstract: Any, keymap: convert.Key
     """Read the weights in ``model_dir`` into the (unboxed) params tree ``abstract`` describes.
 
     Returns NumPy arrays (host memory); put them on devices with ``jax.device_put`` and the
-    shardings from :mod:`rpo_jax.partitioning`.
+    shardings from :mod:`rpo_jax.core.partitioning`.
     """
     state, source = io.load_state_dict(model_dir, bases, variant)
     return convert.state_dict_to_params(state, nn.unbox(abstract), keymap, source=source, dtype=dtype)

@@ -2,7 +2,7 @@
 
 Every network in rpo_jax is built from these few wrappers so that (1) every parameter is created
 with ``nn.with_logical_partitioning`` and therefore has a partition spec under the logical-axis
-rules in :mod:`rpo_jax.partitioning`, and (2) parameter names match the PyTorch reference
+rules in :mod:`rpo_jax.core.partitioning`, and (2) parameter names match the PyTorch reference
 implementations closely enough that :mod:`rpo_jax.weights.convert` can map them one to one.
 
 Leaf names are Flax's: ``kernel``/``bias`` for dense and conv layers, ``scale``/``bias`` for

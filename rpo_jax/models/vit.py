@@ -308,7 +308,7 @@ class ViTModel(nn.Module):
 
     def get_image_features(self, pixel_values: jnp.ndarray) -> jnp.ndarray:
         """(B, H, W, C) preprocessed → (B, D) class token after the final LayerNorm (not normalised,
-        not the pooler). The name lets :class:`rpo_jax.encoders.DualEncoder` batch it."""
+        not the pooler). The name lets :class:`rpo_jax.reward.encoders.DualEncoder` batch it."""
         return self(pixel_values)["cls_embedding"]
 
 
@@ -523,32 +523,6 @@ def preprocess_images(images: Any, pp: ViTImagePreprocess) -> np.ndarray:
     return clip.preprocess_images(rgb, pp.normalize_settings())
 
 
-# ----------------------------------------------------------------------------------------------
-# DINO image encoder
-# ----------------------------------------------------------------------------------------------
-
-def _no_text(texts):
-    raise TypeError("a ViT (DINO) encoder has no text tower")
-
-
-def load_dino_encoder(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
-                      batch_size: int = 32):
-    """A transformers ViTModel folder (e.g. facebook/dino-vits16) as an image-only encoder.
-
-    Returns a :class:`rpo_jax.encoders.DualEncoder` of kind 'dino' whose ``embed_images(images)``
-    gives (N, D) float32 L2-normalised class-token embeddings (``last_hidden_state[:, 0]``),
-    preprocessed as the folder's ``ViTImageProcessor`` and run in fixed-size jitted batches
-    (the DualEncoder's); ``embed_texts`` raises ``TypeError``.
-    """
-    from rpo_jax import encoders
-
-    module, params, _ = load_vit(model_dir, dtype=dtype, add_pooling_layer=False)
-    pp = ViTImagePreprocess.from_pretrained(model_dir)
-    preprocess = functools.partial(preprocess_images, pp=pp)
-    return encoders.DualEncoder("dino", module, jax.device_put(params), _no_text, preprocess,
-                                batch_size)
-
-
 __all__ = ["ViTConfig", "ViTModel", "ViTEmbeddings", "ViTLayer", "KEYMAP", "WEIGHTS_NAME",
            "init_inputs", "load_vit", "save_vit", "ViTImagePreprocess", "preprocess_images",
-           "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "load_dino_encoder"]
+           "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD"]

@@ -35,10 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rpo_jax import fsutil, schedulers, tiny, tiny_encoders
+from rpo_jax.core import fsutil
+from rpo_jax.sd import schedulers
+from rpo_jax.testing import tiny, tiny_encoders
 from rpo_jax.models import align, base, clip, clip_text, efficientnet, unet as unet_lib, vae as vae_lib
-from rpo_jax.schedulers import NoiseSchedule
-from rpo_jax.tokenizer import CLIPTokenizer
+from rpo_jax.sd.schedulers import NoiseSchedule
+from rpo_jax.sd.tokenizer import CLIPTokenizer
 from rpo_jax.toy import oracle as oracle_lib, subject as subject_lib, world
 from rpo_jax.weights import io
 
@@ -290,7 +292,7 @@ def _align_vocab_texts() -> list[str]:
 
 
 def train_align(out: Path, budget: Budget, seed: int, progress: bool) -> dict:
-    from rpo_jax.wordpiece import BertTokenizer
+    from rpo_jax.reward.wordpiece import BertTokenizer
 
     cfg = align_config(tiny_encoders.write_wordpiece_tokenizer(_align_vocab_texts(), out))
     tokenizer = BertTokenizer.from_pretrained(out)
@@ -493,7 +495,7 @@ def quality_gate(pipeline_dir: Path, oracle_dir: Path, *, images_per_prompt: int
 
     Returns per-attribute oracle accuracy (chance: colour 1/6, shape 1/5, scene 1/9) and n.
     """
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.sd.pipeline import load_pipeline
 
     pipe = load_pipeline(pipeline_dir)
     judges = oracle_lib.load(oracle_dir)
@@ -562,7 +564,7 @@ def pretrain(out_dir, *, scale: float = 1.0, seed: int = 0, progress: bool = Tru
         t0 = time.perf_counter()
         gate = quality_gate(out / "pipeline", out / "oracle",
                             images_per_prompt=budget.gate_images_per_prompt, seed=seed)
-        from rpo_jax import images as images_lib
+        from rpo_jax.core import images as images_lib
         images_lib.save_grid(gate.pop("images"), out / "gate.png", rows=len(world.HELD_OUT))
         gate["seconds"] = round(time.perf_counter() - t0, 1)
         report["gate"] = gate

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rpo_jax import images as images_lib
+from rpo_jax.core import images as images_lib
 from rpo_jax.toy import world
 from rpo_jax.weights import io
 

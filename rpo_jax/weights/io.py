@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from rpo_jax import fsutil
+from rpo_jax.core import fsutil
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
 TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")

@@ -8,12 +8,12 @@ For one subject with reference photos R (M images) and generated images G groupe
 * **CLIP-I**: the same with CLIP image embeddings (ViT-B/16 in the RPO authors' code);
 * **CLIP-T**: CLIP image-text cosine between each generated image and its prompt, with the
   subject identifier removed (``reward.strip_identifier``: 'a [V] dog' → 'a dog');
-* **reward@λ**: RPO's λ-Harmonic reward (:func:`rpo_jax.reward.lambda_harmonic_reward`) of each
+* **reward@λ**: RPO's λ-Harmonic reward (:func:`rpo_jax.reward.harmonic.lambda_harmonic_reward`) of each
   generated image with a given dual encoder (ALIGN in the paper), at several λ.
 
 The pure functions work on L2-normalised embeddings (NumPy, float64); :func:`score_subject` embeds
 images and prompts with the given encoders (each an object with ``embed_images`` / ``embed_texts``,
-e.g. :class:`rpo_jax.encoders.DualEncoder`, and :func:`rpo_jax.models.vit.load_dino_encoder` for
+e.g. :class:`rpo_jax.reward.encoders.DualEncoder`, and :func:`rpo_jax.models.vit.load_dino_encoder` for
 DINO). :func:`aggregate` averages subjects; :func:`format_table` writes the paper's table.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from rpo_jax import reward
+from rpo_jax.reward import harmonic as reward
 
 METRICS = ("dino", "clip_i", "clip_t")
 METRIC_TITLES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rpo_jax.schedulers import NoiseSchedule, ddim_step
+from rpo_jax.sd.schedulers import NoiseSchedule, ddim_step
 
 
 class DDIMSampler:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rpo_jax import architectures
+from rpo_jax.testing import architectures
 from rpo_jax.models import base, clip_text, unet as unet_lib, vae as vae_lib
-from rpo_jax.schedulers import NoiseSchedule
-from rpo_jax.tokenizer import CLIPTokenizer
+from rpo_jax.sd.schedulers import NoiseSchedule
+from rpo_jax.sd.tokenizer import CLIPTokenizer
 from rpo_jax.weights import io
 
 FLAVOURS = ("sd21", "sd15")
@@ -121,7 +121,7 @@ def model_index(flavour: str = "sd21") -> dict:
 def make_tiny_pipeline(out_dir: str | os.PathLike, *, seed: int = 0, flavour: str = "sd21") -> Path:
     """Write a random tiny SD pipeline to ``out_dir`` (created; must not exist or be empty).
 
-    Returns the folder, loadable by :func:`rpo_jax.pipeline.load_pipeline` and by
+    Returns the folder, loadable by :func:`rpo_jax.sd.pipeline.load_pipeline` and by
     ``diffusers.StableDiffusionPipeline.from_pretrained``.
     """
     if flavour not in FLAVOURS:
@@ -193,8 +193,8 @@ def make_tiny_subject(out_dir: str | os.PathLike, *, n: int = 4, size: int = 64,
 
 
 def _tiny_makers() -> dict:
-    # Reward-model factories are added by rpo_jax.tiny_encoders (ALIGN / CLIP need their modules).
-    from rpo_jax import tiny_encoders
+    # Reward-model factories are added by rpo_jax.testing.tiny_encoders (ALIGN / CLIP need their modules).
+    from rpo_jax.testing import tiny_encoders
 
     return {
         "tiny:sd21": lambda out: make_tiny_pipeline(out, flavour="sd21"),

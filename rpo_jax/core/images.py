@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from rpo_jax import fsutil
+from rpo_jax.core import fsutil
 
 __all__ = [
     "IMAGE_SUFFIXES", "IMAGE_FORMATS", "ImageError", "load_image", "resize_square", "list_images",

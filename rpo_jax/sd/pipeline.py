@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rpo_jax import fsutil, sampling
+from rpo_jax.core import fsutil
+from rpo_jax.sd import sampling
 from rpo_jax.models import clip_text, unet as unet_lib, vae as vae_lib
-from rpo_jax.schedulers import NoiseSchedule
-from rpo_jax.tokenizer import CLIPTokenizer
+from rpo_jax.sd.schedulers import NoiseSchedule
+from rpo_jax.sd.tokenizer import CLIPTokenizer
 from rpo_jax.weights import io
 
 COMPONENT_CLASSES = {
@@ -51,7 +52,7 @@ class StableDiffusion:
     """The parts of a Stable Diffusion pipeline as Flax modules and their params.
 
     Params are host NumPy arrays after loading; ``jax.device_put`` them (with shardings from
-    :mod:`rpo_jax.partitioning`) for repeated use. All methods are pure in the params they take.
+    :mod:`rpo_jax.core.partitioning`) for repeated use. All methods are pure in the params they take.
     """
     unet: unet_lib.UNet2DConditionModel
     unet_params: Any

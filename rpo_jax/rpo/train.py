@@ -1,6 +1,6 @@
 """RPO training: ``train_and_evaluate(config, workdir)``, straight-line, in phases.
 
-1. preference data (negatives, rewards) — :func:`rpo_jax.preference.prepare_preference_data`;
+1. preference data (negatives, rewards) — :func:`rpo_jax.rpo.preference.prepare_preference_data`;
 2. caches: VAE posterior (mean, std) of every reference and negative, text embeddings of the
    reference prompt and the 8 training prompts, every pair's preference probability;
 3. mesh, shardings, train state (params born sharded, AdamW + global-norm clip), a frozen copy
@@ -38,8 +38,10 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rpo_jax import config as config_lib, images as images_lib, objective, partitioning
-from rpo_jax import preference, reward as reward_lib
+from rpo_jax.core import config as config_lib, images as images_lib, partitioning
+from rpo_jax.rpo import objective
+from rpo_jax.rpo import preference
+from rpo_jax.reward import harmonic as reward_lib
 from rpo_jax.models import base, unet as unet_lib, vae as vae_lib
 
 # Config keys that may change between runs in the same workdir (everything else must match).
@@ -252,7 +254,7 @@ class Validator:
     def __call__(self, params) -> tuple[float, list[float], np.ndarray, dict[float, float]]:
         """(mean r_{λ_val}, its per-prompt means, uint8 images (P·n, H, W, 3), {λ: mean r_λ} for
         the sweep's λ)."""
-        from rpo_jax.sampling import to_uint8
+        from rpo_jax.sd.sampling import to_uint8
 
         z = self.sampler(params, self.latents, self.cond, self.uncond, self.guidance_scale)
         images = to_uint8(self.pipe.decode_latents(z))
@@ -358,8 +360,8 @@ def load_best_params(workdir: str | os.PathLike, abstract_params: Any,
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Run (or resume) RPO for ``config`` in ``workdir``; returns the summary dict."""
-    from rpo_jax import encoders
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.reward import encoders
+    from rpo_jax.sd.pipeline import load_pipeline
     from rpo_jax.weights import io
 
     t_start = time.perf_counter()

@@ -73,7 +73,7 @@ import regex
 
 __all__ = ["CLIPTokenizer", "TokenizerFileError", "ASSETS_DIR", "bytes_to_unicode"]
 
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "clip_tokenizer")
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "clip_tokenizer")
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"

@@ -78,8 +78,9 @@ def run_arm(config, arm: str, seed: int, workdir: Path, progress: bool) -> dict:
 
     The oracle's numbers are recomputed from the saved images on every call, so the table always
     reflects the current judges."""
-    from rpo_jax import evaluation, preference
-    from rpo_jax.train import train_and_evaluate
+    from rpo_jax.evaluation import heldout as evaluation
+    from rpo_jax.rpo import preference
+    from rpo_jax.rpo.train import train_and_evaluate
 
     run_dir = _run_dir(workdir, arm, seed)
     result_path = workdir / "runs" / f"{_slug(arm)}-seed{seed}" / "result.json"
@@ -114,7 +115,8 @@ def run_arm(config, arm: str, seed: int, workdir: Path, progress: bool) -> dict:
 
 
 def _oracle(config, run_dir: Path, images: np.ndarray) -> dict:
-    from rpo_jax import evaluation, report, tiny
+    from rpo_jax.evaluation import heldout as evaluation, report
+    from rpo_jax.testing import tiny
 
     oracle_dir = tiny.resolve_path(config.test.oracle, run_dir / "assets", "test.oracle")
     scores = report.oracle_scores(oracle_dir, images, evaluation.test_prompts(config))
@@ -169,7 +171,7 @@ def plot(summary: dict, path: Path) -> None:
                             capsize=3, label=arm)
         ax.set(title=title, xlabel=f"text alignment ({fx})", ylabel=f"subject fidelity ({fy})")
     axes[0].legend(fontsize=8)
-    from rpo_jax.report import save_figure
+    from rpo_jax.evaluation.report import save_figure
     save_figure(fig, path)
 
 

@@ -1,7 +1,7 @@
 """After training: base model vs fine-tuned model on the held-out prompts, as files a person reads.
 
 ``write_report(config, workdir)`` evaluates both models on ``config.test`` (the same initial
-noise for both, see :func:`rpo_jax.evaluation.generate_test_images`) and writes into WORKDIR:
+noise for both, see :func:`rpo_jax.evaluation.heldout.generate_test_images`) and writes into WORKDIR:
 
   report.md        the summary table (subject fidelity, text alignment, λ-Harmonic, and with
                    toy-world oracle judges the oracle's subject rate and scene accuracy)
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rpo_jax import fsutil, images as images_lib
+from rpo_jax.core import fsutil, images as images_lib
 from rpo_jax.weights import io
 
 
@@ -123,7 +123,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_report(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Evaluate base and selected model on the held-out prompts and write the report files."""
-    from rpo_jax import evaluation, metrics, preference, tiny
+    from rpo_jax.evaluation import heldout as evaluation, metrics
+    from rpo_jax.rpo import preference
+    from rpo_jax.testing import tiny
 
     workdir = Path(workdir).absolute()
     summary = json.loads((workdir / "summary.json").read_text())

@@ -35,37 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rpo_jax import fsutil, images as images_lib, partitioning, reward as reward_lib
-from rpo_jax.sampling import to_uint8
+from rpo_jax.core import fsutil, images as images_lib, partitioning
+from rpo_jax.reward import harmonic as reward_lib
+from rpo_jax.rpo.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, REFERENCE_PROMPT
+from rpo_jax.sd.sampling import to_uint8
 
 MANIFEST_VERSION = 1
 NEGATIVES_DIR = "negatives"
 
-OBJECT_PROMPTS = (
-    "a {identifier} {cls} in Vincent Van Gogh rendition",
-    "a {identifier} {cls} on the Moon",
-    "a green {identifier} {cls}",
-    "a {identifier} {cls} with a China Great Wall in the background",
-    "a {identifier} {cls} on top of wooden roof",
-    "a {identifier} {cls} with the Statue of Liberty in the background",
-    "a {identifier} {cls} with a volcano in the background",
-    "a {identifier} {cls} on a subway platform",
-)
-LIVE_PROMPTS = (
-    "a {identifier} {cls} wearing a green outfit",
-    "a {identifier} {cls} in Vincent Van Gogh rendition",
-    "a {identifier} {cls} with a China Great Wall in the background",
-    "a {identifier} {cls} is swimming in a pool",
-    "a {identifier} {cls} on a subway platform",
-    "a {identifier} {cls} with the Statue of Liberty in the background",
-    "a {identifier} {cls} on the Moon",
-    "a green {identifier} {cls}",
-)
-REFERENCE_PROMPT = "a photo of {identifier} {cls}"
-
 
 class DualEncoderLike(Protocol):
-    """What the reward needs from ALIGN / CLIP (see rpo_jax.encoders.DualEncoder)."""
+    """What the reward needs from ALIGN / CLIP (see rpo_jax.reward.encoders.DualEncoder)."""
 
     def embed_images(self, images: Any) -> jnp.ndarray: ...  # (N, D), L2-normalised
 
@@ -225,7 +205,7 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
     """Create (or reuse) ``workdir/negatives`` for ``subject``; returns the manifest dict.
 
     Args:
-      pipe: the frozen base :class:`rpo_jax.pipeline.StableDiffusion`.
+      pipe: the frozen base :class:`rpo_jax.sd.pipeline.StableDiffusion`.
       encoder: the reward's dual encoder.
       identity: JSON-able description of the pipeline and reward model (e.g. their
         :func:`folder_fingerprint`), part of the fingerprint so changed weights regenerate.
@@ -375,7 +355,7 @@ def negatives_settings(config) -> NegativesSettings:
 def resolve_paths(config, workdir: str | os.PathLike) -> tuple[Path, Path, Path]:
     """(pretrained pipeline, reward model, reference photos) folders of a config; ``tiny:NAME``
     entries are made once under ``workdir/assets``. Errors name the config key."""
-    from rpo_jax import tiny
+    from rpo_jax.testing import tiny
 
     assets = Path(workdir).absolute() / "assets"
     return (tiny.resolve_path(config.pretrained, assets, "pretrained"),
@@ -406,8 +386,8 @@ def prepare_preference_data(config, workdir: str | os.PathLike, progress: bool =
     ``pipe`` / ``encoder``: the config's base pipeline and reward model when the caller has
     already loaded them (training does), so they are not read twice.
     """
-    from rpo_jax import encoders
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.reward import encoders
+    from rpo_jax.sd.pipeline import load_pipeline
 
     check_config(config)
     workdir = Path(workdir).absolute()

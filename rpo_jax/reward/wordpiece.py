@@ -75,7 +75,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 # Shared with the CLIP tokenizer: file reading, special-token specs, Rust-style lowercasing.
-from rpo_jax.tokenizer import TokenizerFileError, _lowercase, _read_json, _token_spec, batch_encode
+from rpo_jax.sd.tokenizer import TokenizerFileError, _lowercase, _read_json, _token_spec, batch_encode
 
 __all__ = ["BertTokenizer", "TokenizerFileError", "build_vocab", "write_vocab", "read_vocab",
            "basic_tokenize", "ALIGN_MAX_LENGTH", "SPECIAL_TOKENS"]

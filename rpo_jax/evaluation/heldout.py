@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rpo_jax import config as config_lib, fsutil, images as images_lib, metrics as metrics_lib
-from rpo_jax import reward as reward_lib
+from rpo_jax.core import config as config_lib, fsutil, images as images_lib
+from rpo_jax.evaluation import metrics as metrics_lib
+from rpo_jax.reward import harmonic as reward_lib
 
 EVAL_DIR = "eval"
 SUBJECTS_DIR = "subjects"
@@ -90,7 +91,7 @@ def workdir_config(workdir: str | os.PathLike,
 def test_prompts(config) -> list[str]:
     """The evaluation prompts with the identifier: ``test.prompts`` templates ({identifier},
     {cls}) filled in for the subject, or, when empty, DreamBench's 25 for its kind."""
-    from rpo_jax import dreambench
+    from rpo_jax.evaluation import dreambench
 
     s = config.subject
     if not config.test.prompts:
@@ -109,7 +110,7 @@ test_prompts.__test__ = False  # not a pytest test, despite the name
 
 
 def _resolve(spec: str, workdir: Path, key: str) -> Path:
-    from rpo_jax import tiny
+    from rpo_jax.testing import tiny
 
     return tiny.resolve_path(spec, workdir / "assets", key)
 
@@ -145,8 +146,8 @@ def generate_test_images(pipe, unet_params: Any, prompts: Sequence[str], *, num_
     ``mesh`` the chunks are sharded over its 'data' and 'fsdp' axes (the size rounded up to a
     multiple of their device count).
     """
-    from rpo_jax import partitioning
-    from rpo_jax.sampling import to_uint8
+    from rpo_jax.core import partitioning
+    from rpo_jax.sd.sampling import to_uint8
 
     prompts = list(prompts)
     if not prompts or num_images < 1 or batch_size < 1:
@@ -195,7 +196,7 @@ def _lambdas(config) -> tuple[float, ...]:
 
 def _load_encoders(config, workdir: Path):
     """(dino, clip, reward) encoders of the config; None for a "" model folder."""
-    from rpo_jax import encoders
+    from rpo_jax.reward import encoders
     from rpo_jax.models import vit
 
     t = config.test
@@ -216,7 +217,7 @@ def _format_means(means: dict) -> str:
 def _check_best(workdir: Path, lambda_val: float | None = None) -> None:
     """Raise FileNotFoundError naming the path unless ``workdir``'s best folder (``best/``, or
     ``best_lambda/<λ>/`` for a λ of the run's eval.lambda_sweep) holds a checkpoint."""
-    from rpo_jax.train import best_dir
+    from rpo_jax.rpo.train import best_dir
 
     best = best_dir(workdir, lambda_val)
     if not workdir.is_dir():
@@ -235,7 +236,7 @@ def _load_params(pipe, workdir: Path, lambda_val: float | None = None):
     import flax.linen as nn
 
     from rpo_jax.models import base, unet as unet_lib
-    from rpo_jax.train import load_best_params
+    from rpo_jax.rpo.train import load_best_params
 
     abstract = nn.unbox(base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config)))
     return load_best_params(workdir, jax.tree.map(
@@ -276,8 +277,8 @@ def evaluate(config, workdir: str | os.PathLike, *, pretrained: str | os.PathLik
     Returns {"scores": the scores.json content ("mean", "per_prompt", "per_image": {metric:
     values}, prompts, settings, timings), "images": uint8 (P, n, H, W, 3), "dir": the folder}.
     """
-    from rpo_jax import partitioning
-    from rpo_jax.pipeline import load_pipeline
+    from rpo_jax.core import partitioning
+    from rpo_jax.sd.pipeline import load_pipeline
 
     t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
@@ -413,8 +414,8 @@ def run_dreambench(config, workdir: str | os.PathLike, dataset: str | os.PathLik
     table. Returns the results dict (also in ``workdir/dreambench_results.json``), with
     ``interrupted`` set when a training run was stopped by SIGTERM.
     """
-    from rpo_jax import dreambench
-    from rpo_jax.train import train_and_evaluate
+    from rpo_jax.evaluation import dreambench
+    from rpo_jax.rpo.train import train_and_evaluate
 
     if host_count < 1 or not 0 <= host_index < host_count:
         raise ValueError(f"need 0 <= --host-index < --host-count, got host {host_index} of {host_count}")

@@ -38,7 +38,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rpo_jax import preference, schedulers
+from rpo_jax.rpo import preference
+from rpo_jax.sd import schedulers
 
 LABEL_MODES = ("sampled", "soft")
 BATCH_KEYS = ("ref_latents", "ref_context", "neg_latents", "neg_context", "pref_prob")
@@ -52,7 +53,7 @@ class ObjectiveConfig:
     """Settings of the RPO loss. Frozen and hashable, so it can be a static jit argument.
 
     prediction_type: 'epsilon' | 'v_prediction' | 'sample' — the UNet's regression target
-      (:func:`rpo_jax.schedulers.training_target`).
+      (:func:`rpo_jax.sd.schedulers.training_target`).
     beta: β of the preference term (applied; the authors' SD script parses it but never uses it).
     w_sim, w_pref: weights of L_sim and L_pref (paper: 1 and 1).
     share_noise_in_pair: False: independent t and ε for every item (the public SD script);

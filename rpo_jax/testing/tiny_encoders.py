@@ -2,7 +2,7 @@
 
 For tests and smoke runs of the reward: the folders hold config.json, model.safetensors, the
 tokenizer files and the image-processor config, exactly as ``AlignModel`` / ``CLIPModel``
-checkpoints do, and load with ``rpo_jax.encoders.load_dual_encoder`` and with transformers.
+checkpoints do, and load with ``rpo_jax.reward.encoders.load_dual_encoder`` and with transformers.
 Weights are random, so rewards are near 0.5. Images are 32 px.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from rpo_jax import preference
+from rpo_jax.rpo import prompts
 from rpo_jax.models import align, base, clip, efficientnet, vit
-from rpo_jax.tokenizer import CLIPTokenizer
+from rpo_jax.sd.tokenizer import CLIPTokenizer
 from rpo_jax.weights import io
 
 IMAGE_SIZE = 32
@@ -26,7 +26,7 @@ _CLASS_NOUNS = ("dog", "cat", "toy", "backpack", "bowl", "can", "candle", "clock
 def _vocabulary_texts() -> list[str]:
     texts = []
     for cls in _CLASS_NOUNS:
-        for template in preference.OBJECT_PROMPTS + preference.LIVE_PROMPTS + (preference.REFERENCE_PROMPT,):
+        for template in prompts.OBJECT_PROMPTS + prompts.LIVE_PROMPTS + (prompts.REFERENCE_PROMPT,):
             texts.append(template.format(identifier="[V]", cls=cls))
     return texts
 
@@ -67,7 +67,7 @@ def _vision_width(cfg: dict) -> int:
 def write_wordpiece_tokenizer(texts: list[str], out: Path) -> int:
     """Write a BERT WordPiece tokenizer whose vocabulary covers ``texts`` (64 tokens long) into
     ``out`` (created); returns the vocabulary size."""
-    from rpo_jax.wordpiece import BertTokenizer, build_vocab, write_vocab
+    from rpo_jax.reward.wordpiece import BertTokenizer, build_vocab, write_vocab
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_vocab(texts)

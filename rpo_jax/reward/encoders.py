@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rpo_jax.models import align, clip, efficientnet, vit
+from rpo_jax.reward.wordpiece import BertTokenizer
+from rpo_jax.sd.tokenizer import CLIPTokenizer
 from rpo_jax.weights import io
 
 
@@ -86,18 +89,12 @@ def load_dual_encoder(folder: str | os.PathLike, *, dtype: Any = jnp.float32,
     folder = Path(folder)
     kind = _model_type(folder)
     if kind == "clip":
-        from rpo_jax.models import clip
-        from rpo_jax.tokenizer import CLIPTokenizer
-
         module, params, _ = clip.load_clip(folder, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(folder)
         pp = clip.CLIPImagePreprocess.from_pretrained(folder)
         tokenize = lambda texts: {"input_ids": tokenizer(texts)["input_ids"]}
         preprocess = functools.partial(clip.preprocess_images, pp=pp)
     else:
-        from rpo_jax.models import align, efficientnet
-        from rpo_jax.wordpiece import BertTokenizer
-
         module, params, _ = align.load_align(folder, dtype=dtype)
         tokenizer = BertTokenizer.from_pretrained(folder)
         pp = efficientnet.AlignImagePreprocess.from_pretrained(folder)
@@ -106,3 +103,27 @@ def load_dual_encoder(folder: str | os.PathLike, *, dtype: Any = jnp.float32,
         preprocess = functools.partial(efficientnet.preprocess_images, pp=pp)
     params = jax.device_put(params)
     return DualEncoder(kind, module, params, tokenize, preprocess, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# DINO image encoder
+# ----------------------------------------------------------------------------------------------
+
+def _no_text(texts):
+    raise TypeError("a ViT (DINO) encoder has no text tower")
+
+
+def load_dino_encoder(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
+                      batch_size: int = 32):
+    """A transformers ViTModel folder (e.g. facebook/dino-vits16) as an image-only encoder.
+
+    Returns a :class:`DualEncoder` of kind 'dino' whose ``embed_images(images)``
+    gives (N, D) float32 L2-normalised class-token embeddings (``last_hidden_state[:, 0]``),
+    preprocessed as the folder's ``ViTImageProcessor`` and run in fixed-size jitted batches
+    (the DualEncoder's); ``embed_texts`` raises ``TypeError``.
+    """
+    module, params, _ = vit.load_vit(model_dir, dtype=dtype, add_pooling_layer=False)
+    pp = vit.ViTImagePreprocess.from_pretrained(model_dir)
+    preprocess = functools.partial(vit.preprocess_images, pp=pp)
+    return DualEncoder("dino", module, jax.device_put(params), _no_text, preprocess,
+                       batch_size)

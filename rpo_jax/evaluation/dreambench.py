@@ -24,9 +24,9 @@ Ways in:
   :func:`build_dreambench` prepares it, :func:`load_subjects_from_tfds` reads it back as records.
 * :func:`load_subjects`: one entry point for either a DreamBench folder or a photo folder.
 
-Photos are always read with :func:`rpo_jax.images.load_image` (EXIF orientation applied, first
+Photos are always read with :func:`rpo_jax.core.images.load_image` (EXIF orientation applied, first
 frame of MPO files, transparency composited on white, grayscale and 16-bit made RGB; corrupt
-files raise :class:`rpo_jax.images.ImageError` naming the file), so records hold upright
+files raise :class:`rpo_jax.core.images.ImageError` naming the file), so records hold upright
 ``(H, W, 3)`` uint8 arrays, and the TFDS examples hold them re-encoded as lossless PNG.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from rpo_jax import images as images_lib
+from rpo_jax.core import images as images_lib
 
 __all__ = [
     "SUBJECTS", "OBJECT_PROMPTS", "LIVE_PROMPTS", "LIVE_CLASSES", "PROMPTS_FILE", "FILE_FORMAT",
@@ -262,11 +262,11 @@ def load_subject_folder(folder: str | os.PathLike, class_noun: str, live: bool =
                         name: str | None = None, size: int | None = None) -> SubjectRecord:
     """A folder of photos of one subject (a user's own, or one DreamBench sub-folder).
 
-    Images are the files :func:`rpo_jax.images.list_images` finds (sorted by name), each read
-    with :func:`rpo_jax.images.load_image`; with ``size``, each is centre-cropped and resized to
-    ``(size, size, 3)`` by :func:`rpo_jax.images.resize_square`. ``name`` defaults to the
+    Images are the files :func:`rpo_jax.core.images.list_images` finds (sorted by name), each read
+    with :func:`rpo_jax.core.images.load_image`; with ``size``, each is centre-cropped and resized to
+    ``(size, size, 3)`` by :func:`rpo_jax.core.images.resize_square`. ``name`` defaults to the
     folder's name; the prompts are the built-in templates for ``live``. Raises
-    :class:`rpo_jax.images.ImageError` naming the folder (missing, empty) or the file (corrupt).
+    :class:`rpo_jax.core.images.ImageError` naming the folder (missing, empty) or the file (corrupt).
     """
     folder = Path(folder)
     return _load_record(name or folder.resolve().name, class_noun, live,
@@ -360,7 +360,7 @@ def read_dreambench(root: str | os.PathLike, class_noun: Mapping[str, str] | Non
 
     Raises :class:`DreamBenchError` naming the folder for a missing folder, a sub-folder that is
     neither listed nor in ``class_noun`` (named), or a requested subject without a folder;
-    :class:`rpo_jax.images.ImageError` naming the file for an unreadable photo.
+    :class:`rpo_jax.core.images.ImageError` naming the file for an unreadable photo.
     """
     _, folders = scan_dreambench(root, class_noun, subjects)
     return [_load_record(f.name, f.class_noun, f.live, f.prompts, f.paths, size) for f in folders]
