@@ -22,7 +22,7 @@ setup(
         "numpy>=2.0",
         "safetensors>=0.8.0",
         "Pillow>=11.0",
-        "regex",
+        "tokenizers>=0.21",
         "tqdm",
         "absl-py",
         "tensorboardX",

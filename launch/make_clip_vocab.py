@@ -16,11 +16,12 @@ Stable Diffusion 1.x/2.x ship in their ``tokenizer/`` folder), following OpenAI'
 * the .gz holds a header line and 262,144 merges; CLIP uses the first
   ``49152 - 256 - 2 = 48,894`` of them (lines 1..48894 after the header);
 * ``vocab.json`` (49,408 entries, ids are positions): the 256 byte-level unicode characters in
-  ``bytes_to_unicode`` order, the same 256 with ``</w>`` appended, each merge joined without the
+  GPT-2's ``bytes_to_unicode`` order (``sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())``:
+  printable bytes map to themselves, the others to U+0100.. in byte order), the same 256 with ``</w>`` appended, each merge joined without the
   space, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407);
 * ``merges.txt``: ``#version: 0.2`` followed by those 48,894 merge lines.
 
-Only the standard library is used.
+Only the standard library and ``tokenizers`` (for the byte-level alphabet) are used.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import json
 import os
 import sys
 
-from rpo_jax.sd.tokenizer import bytes_to_unicode
+from tokenizers.pre_tokenizers import ByteLevel
 
 NUM_MERGES = 49152 - 256 - 2  # 48,894
 VOCAB_SIZE = 49408
@@ -49,7 +50,7 @@ def build(gz_path: str) -> tuple[dict[str, int], list[str]]:
         if len(parts) != 2:
             raise ValueError(f"{gz_path}: line {i} is not a merge pair: {line!r}")
         pairs.append(parts)
-    tokens = list(bytes_to_unicode().values())
+    tokens = sorted(ByteLevel.alphabet())  # the 256 byte-level symbols; sorted = GPT-2's byte order
     tokens = tokens + [t + "</w>" for t in tokens]
     tokens += ["".join(p) for p in pairs]
     tokens += ["<|startoftext|>", "<|endoftext|>"]

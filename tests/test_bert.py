@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from rpo_jax import partitioning  # noqa: E402
+from rpo_jax.core import partitioning  # noqa: E402
 from rpo_jax.models import base, bert  # noqa: E402
 from rpo_jax.weights import io  # noqa: E402
 from rpo_jax.reward.wordpiece import BertTokenizer, build_vocab  # noqa: E402

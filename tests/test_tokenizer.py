@@ -20,7 +20,9 @@ import unicodedata
 import numpy as np
 import pytest
 
-from rpo_jax.sd.tokenizer import ASSETS_DIR, CLIPTokenizer, TokenizerFileError, bytes_to_unicode
+from tokenizers.pre_tokenizers import ByteLevel
+
+from rpo_jax.sd.tokenizer import ASSETS_DIR, CLIPTokenizer, TokenizerFileError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PADS = ["<|endoftext|>", "!"]
@@ -153,7 +155,7 @@ def test_assets_layout():
     assert lines[0] == "#version: 0.2" and lines[1] == "i n" and lines[-1] == ""
     merges = lines[1:-1]
     assert len(merges) == 48894 and merges[-1] == "jeky ll</w>"
-    units = list(bytes_to_unicode().values())
+    units = sorted(ByteLevel.alphabet())  # the 256 byte-level symbols; sorted = GPT-2's byte order
     assert list(vocab)[:512] == units + [u + "</w>" for u in units]
     assert [m.replace(" ", "") for m in merges] == list(vocab)[512:49406]
     for name in ("LICENSE", "README.md"):
@@ -186,8 +188,9 @@ def test_make_clip_vocab_script(tmp_path):
 
 
 def test_no_heavy_imports():
+    """Only the ``tokenizers`` engine: no transformers / torch / jax."""
     code = "import sys, rpo_jax.sd.tokenizer as t; t.CLIPTokenizer.default()('a dog'); " \
-           "bad = [m for m in ('transformers', 'torch', 'tokenizers', 'jax') if m in sys.modules]; " \
+           "bad = [m for m in ('transformers', 'torch', 'jax') if m in sys.modules]; " \
            "assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -220,6 +223,16 @@ def test_ids_parity(pad, kind, hf_tokenizers, ours, hub_folders):
         # Unpadded encode == transformers without padding/truncation.
         for p in prompts[:-2]:
             assert tok.encode(p) == hf(p)["input_ids"], p
+
+
+@pytest.mark.parametrize("pad", PADS)
+def test_backend_matches_transformers(pad, ours, hf_tokenizers, hub_folders):
+    """Our ``tokenizers`` pipeline is the one transformers builds from the Hub folder, section by section."""
+    theirs = json.loads(hf_tokenizers[pad, "fast"].backend_tokenizer.to_str())
+    for tok in (ours[pad], CLIPTokenizer.from_pretrained(hub_folders[pad])):
+        mine = json.loads(tok.backend.to_str())
+        for section in ("normalizer", "pre_tokenizer", "model", "post_processor", "decoder", "added_tokens"):
+            assert mine[section] == theirs[section], section
 
 
 @pytest.mark.parametrize("pad", PADS)

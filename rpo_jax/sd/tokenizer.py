@@ -1,77 +1,44 @@
-"""Pure-Python CLIP BPE tokenizer (the text tokenizer of Stable Diffusion 1.x / 2.x).
+"""CLIP BPE tokenizer (the text tokenizer of Stable Diffusion 1.x / 2.x), a thin wrapper over ``tokenizers``.
 
-No transformers / torch / tokenizers import: only the standard library, ``numpy`` and ``regex``.
-The vocabulary of OpenAI CLIP ships with the package (``rpo_jax/assets/clip_tokenizer``, see the
-README there); :meth:`CLIPTokenizer.from_pretrained` also reads the ``tokenizer/`` folder of a
-diffusers checkpoint (or any folder written by transformers).
+HuggingFace ``tokenizers`` (the Rust engine behind transformers >= 5's one ``CLIPTokenizer``) does
+all the text work, built exactly as transformers builds it (``CLIPTokenizer.__init__``, the
+``CLIPConverter`` of ``convert_slow_tokenizer.py``), so ids match transformers by construction:
+added / special tokens split out of the raw text (or of the normalised text, for tokens flagged
+``normalized``), ``NFC`` + whitespace + ``Lowercase`` normalisation, CLIP's split pattern then the
+byte-level pre-tokenizer, byte-level BPE with the ``</w>`` suffix, ``[bos] + tokens + [eos]``
+(``RobertaProcessing``), truncation (bos, the first ``max_length - 2`` tokens, eos), right padding
+and byte-level decoding. The OpenAI CLIP vocabulary ships with the package
+(``rpo_jax/assets/clip_tokenizer``, see the README there).
 
-Behaviour mirrored: transformers 5.x ``CLIPTokenizer``
------------------------------------------------------
-transformers >= 5 has a single CLIP tokenizer backed by HuggingFace ``tokenizers``
-(``CLIPTokenizerFast`` is an alias of ``CLIPTokenizer``); it no longer uses ``ftfy`` or a Python
-"slow" path, so whether ``ftfy`` is installed makes no difference. Its pipeline, reproduced here:
+Written here, because the library knows nothing of transformers' folder layout or of numpy:
 
-1. **Added / special tokens** (bos, eos, unk, pad, plus any ``added_tokens_decoder`` entries) are
-   split out of the *raw* text first, leftmost-longest, and map straight to their id. A token whose
-   ``normalized`` flag is true is instead matched in the normalised text (step 2). Consequence worth
-   knowing: with SD 2.x's pad token ``"!"`` every ``!`` in a prompt becomes id 0 (``"hi!!"`` ->
-   ``hi</w> ! !``, not ``hi</w> !!</w>``); transformers does exactly this, so we do too.
-2. **Normalisation**: Unicode NFC, then per-character lowercasing (Rust ``char::to_lowercase``: no
-   Greek final-sigma rule, ``"ΟΔΟΣ"`` -> ``"οδοσ"``). Whitespace runs (Unicode ``White_Space``, the
-   ``\\s`` of both Oniguruma and the ``regex`` module) only separate words. No control-character
-   removal, no CJK spacing, no ``ftfy.fix_text``, no HTML unescaping.
-3. **Pre-tokenisation**: CLIP's pattern
-   ``<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``
-   (digits one at a time, runs of letters, runs of other symbols), each piece then split again by
-   the GPT-2 byte-level pattern (this only changes the two literal special strings when they were
-   not matched as special tokens: ``"<|endoftext|>"`` -> ``"<|"``, ``"endoftext"``, ``"|>"``).
-4. **Byte-level BPE**: the UTF-8 bytes of each piece are mapped to printable characters
-   (``bytes_to_unicode``), ``</w>`` is appended to the last symbol and the 48,894 CLIP merges are
-   applied lowest rank first (results cached per word).
-5. ``[bos] + tokens + [eos]``; truncation keeps the first ``max_length - 2`` tokens and then
-   appends eos (so the last real token is always eos); padding with ``pad_token_id`` on the right.
+* :meth:`CLIPTokenizer.from_pretrained` reads ``vocab.json`` + ``merges.txt`` (or the BPE model of
+  the ``tokenizer.json`` transformers 5 saves) and resolves the special tokens as transformers 5
+  does: values in ``tokenizer_config.json``; without an ``added_tokens_decoder`` there,
+  ``special_tokens_map.json`` overrides them (this is how SD 2.x gets pad ``"!"``) and
+  ``added_tokens.json`` / ``tokenizer.json`` ``added_tokens`` supply flags; when several special
+  tokens share one string (eos/unk/pad ``<|endoftext|>``) the one listed last in
+  (bos, eos, unk, sep, pad, cls, mask) decides its ``normalized`` flag.
+* :meth:`CLIPTokenizer.save_pretrained` writes that legacy layout (which diffusers folders use).
+* :func:`batch_encode` returns fixed-shape int32 arrays and raises on ragged batches instead of
+  returning lists. It, the folder reader and writer and the special-token plumbing (``_Wrapper``)
+  are shared with the BERT tokenizer (``rpo_jax.reward.wordpiece``).
 
-Special-token resolution in :meth:`CLIPTokenizer.from_pretrained` follows transformers 5.x: values
-in ``tokenizer_config.json``; if that file has no ``added_tokens_decoder``, ``special_tokens_map.json``
-overrides it (this is how SD 2.x gets pad ``"!"``) and ``added_tokens.json`` / ``tokenizer.json``
-``added_tokens`` supply flags; when several special tokens share one string (eos/unk/pad
-``<|endoftext|>``) the one listed last in (bos, eos, unk, sep, pad, cls, mask) decides its
-``normalized`` flag. Token values may be plain strings or ``{"content": ...}`` dicts in either file.
-
-Known remaining differences
----------------------------
-* Unicode tables: NFC and lowercasing use Python's ``unicodedata`` (Unicode 14.0 on Python 3.11,
-  15.x on 3.12/3.13, 16.0 on 3.14), letter/number classes come from the ``regex`` module, whereas
-  ``tokenizers`` uses Rust's tables and Oniguruma. Measured (Python 3.11, regex 2026.11.19,
-  transformers 5.24 / tokenizers 0.23), sweeping all 1,112,064 code points through
-  ``f"a{c}b {c}{c}1{c}X{c}Σ{c}"``: no difference for any code point assigned in Unicode 14;
-  17,507 code points unassigned in Unicode 14 differ (the ``regex`` module already classes them
-  as letters/numbers, Oniguruma does not; 55 of them, e.g. U+A7CB, U+A7DC and the Garay capitals
-  U+10D50.., also get a Unicode 16 lowercase mapping from Rust). ``tests/test_tokenizer.py``
-  re-checks a sample of code points against the installed transformers.
-* ``lstrip`` / ``rstrip`` / ``single_word`` flags of added tokens are ignored (CLIP never sets them).
-* Versus OpenAI's reference ``SimpleTokenizer`` (and transformers 4.x's slow tokenizer with
-  ``ftfy`` installed): that one runs ``ftfy.fix_text`` (curly quotes -> straight: ``don’t`` gives
-  ``don 't`` there but ``don ’ t`` here; full-width letters and ligatures -> ASCII; control
-  characters dropped; mojibake repaired) and ``html.unescape`` twice (``&amp;`` -> ``&``), lowercases
-  with ``str.lower`` (final sigma ``ς``), and maps the literal strings ``<|startoftext|>`` /
-  ``<|endoftext|>`` to their ids in any letter case. transformers 4.x's slow tokenizer *without*
-  ftfy used BERT's ``BasicTokenizer`` instead (drops control characters, puts spaces around every
-  CJK ideograph so ``"日本"`` gave two words). Stable Diffusion was trained with OpenAI's
-  tokenizer, but diffusers pipelines use transformers, which is what this module matches; plain
-  prompts (ASCII, accents, CJK, emoji, straight apostrophes) give the same ids everywhere.
+Quirk kept from transformers: with SD 2.x's pad token ``"!"`` (a special token) every ``!`` in a
+prompt becomes id 0 (``"hi!!"`` -> ``hi</w> ! !``). Versus OpenAI's reference tokenizer (which
+Stable Diffusion was trained with) transformers has no ``ftfy.fix_text`` / HTML unescaping; plain
+prompts give the same ids everywhere.
 """
 from __future__ import annotations
 
 import json
 import os
-import unicodedata
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-import regex
+from tokenizers import AddedToken, Encoding, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-__all__ = ["CLIPTokenizer", "TokenizerFileError", "ASSETS_DIR", "bytes_to_unicode"]
+__all__ = ["CLIPTokenizer", "TokenizerFileError", "ASSETS_DIR", "batch_encode"]
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "clip_tokenizer")
 
@@ -90,50 +57,8 @@ DEFAULT_MODEL_MAX_LENGTH = 77
 # transformers' SPECIAL_TOKENS_ATTRIBUTES, in its order (the order decides flag precedence).
 _SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _DEFAULT_SPECIALS = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-
-# CLIP's pre-tokenizer pattern (transformers/tokenizers and OpenAI, without OpenAI's IGNORECASE,
-# which is moot after lowercasing).
-_CLIP_PAT = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
-# GPT-2 pattern of tokenizers' ByteLevel pre-tokenizer (use_regex=True), applied to each CLIP piece.
-_BYTELEVEL_PAT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-
-_BPE_CACHE_SIZE = 100_000
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI/GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-_BYTE_ENCODER = bytes_to_unicode()
-_BYTE_DECODER = {c: b for b, c in _BYTE_ENCODER.items()}
-# bytes.translate-style table: byte value -> unicode char, for fast byte-level encoding.
-_BYTE_TABLE = [_BYTE_ENCODER[b] for b in range(256)]
-
-
-def _lowercase(text: str) -> str:
-    """Per-character lowercasing (Rust ``char::to_lowercase``, as tokenizers' ``Lowercase``).
-
-    ``str.lower`` differs only by its context-dependent Greek final-sigma rule (U+03A3).
-    """
-    if "\u03a3" in text:
-        return "".join(c.lower() for c in text)
-    return text.lower()
-
-
-def _normalize(text: str) -> str:
-    """tokenizers' ``Sequence([NFC, Replace(\\s+, " "), Lowercase])`` (whitespace only separates)."""
-    return _lowercase(unicodedata.normalize("NFC", text))
+# transformers' CLIPTokenizer pre-tokenizer split pattern.
+_CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 class TokenizerFileError(ValueError):
@@ -196,55 +121,251 @@ def _load_merges(path: str) -> list[tuple[str, str]]:
     return merges
 
 
-def batch_encode(texts: str | Sequence[str], token_ids: Callable[[str], list[int]], *, first_id: int,
-                 last_id: int, pad_id: int, max_length: int, padding: bool | str, truncation: bool,
-                 overlong: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``[first] + token_ids(text) + [last]``, truncated and right-padded like transformers.
+def _bpe_from_tokenizer_json(tok_json: dict, path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    model = tok_json.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise TokenizerFileError(f"{path}: not a BPE tokenizer.json (model.type must be 'BPE')")
+    if model.get("end_of_word_suffix") != END_OF_WORD:
+        raise TokenizerFileError(f"{path}: not a CLIP tokenizer (end_of_word_suffix must be '</w>')")
+    merges = []
+    for m in model.get("merges") or []:
+        pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+        if len(pair) != 2:
+            raise TokenizerFileError(f"{path}: bad merge {m!r}")
+        merges.append(pair)
+    return dict(model["vocab"]), merges
+
+
+def _read_folder(path: str | os.PathLike, subfolder: str | None, model_file: str, attrs: Sequence[str],
+                 overrides: dict) -> tuple[str, dict, dict, list[dict], dict | None]:
+    """The special / added tokens of a transformers tokenizer folder, resolved as transformers 5 does.
+
+    ``path`` may be a model root with a ``tokenizer/`` subfolder. Special tokens come from
+    ``tokenizer_config.json``; when it has no ``added_tokens_decoder``, ``special_tokens_map.json``
+    overrides them and ``added_tokens.json`` / ``tokenizer.json`` supply added tokens; keyword
+    ``overrides`` win (and are popped). Returns (folder, config, specials, added tokens, tokenizer.json).
+    """
+    folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    if subfolder is None and not any(os.path.exists(os.path.join(folder, n)) for n in (model_file, TOKENIZER_JSON_FILE)) \
+            and os.path.isdir(os.path.join(folder, "tokenizer")):
+        folder = os.path.join(folder, "tokenizer")
+
+    def read(name: str) -> dict | None:
+        p = os.path.join(folder, name)
+        if not os.path.exists(p):
+            return None
+        obj = _read_json(p)
+        if not isinstance(obj, dict):
+            raise TokenizerFileError(f"{p}: expected a JSON object")
+        return obj
+
+    def where(name: str, key: Any) -> str:
+        return f"{os.path.join(folder, name)}: {key}"
+
+    config, tok_json = read(CONFIG_FILE) or {}, read(TOKENIZER_JSON_FILE)
+    specials: dict[str, Any] = {}
+    for k in attrs:
+        if k in config:
+            v = config[k]
+            _token_spec(v, where(CONFIG_FILE, k), special=True)  # validate, naming the file
+            if isinstance(v, dict) and "normalized" not in v:
+                v = {**v, "normalized": not v.get("special", False)}  # transformers: AddedToken(**v)
+            specials[k] = v
+    added: dict[int, dict] = {}
+    if "added_tokens_decoder" in config:
+        if not isinstance(config["added_tokens_decoder"], dict):
+            raise TokenizerFileError(f"{where(CONFIG_FILE, 'added_tokens_decoder')} must be an object")
+        for idx, tok in config["added_tokens_decoder"].items():
+            w = where(CONFIG_FILE, f"added_tokens_decoder[{idx!r}]")
+            added[_as_id(idx, w)] = {"id": _as_id(idx, w), **_token_spec(tok, w, special=False)}
+    else:  # transformers' legacy path
+        stm = read(SPECIAL_TOKENS_MAP_FILE) or {}
+        for k in attrs:
+            if k in stm:
+                _token_spec(stm[k], where(SPECIAL_TOKENS_MAP_FILE, k), special=True)
+                specials[k] = {**stm[k], "special": True} if isinstance(stm[k], dict) else stm[k]
+        special_strings = {_token_spec(v, k, True)["content"] for k, v in specials.items() if v is not None}
+        for content, idx in (read(ADDED_TOKENS_FILE) or {}).items():
+            i = _as_id(idx, where(ADDED_TOKENS_FILE, repr(content)))
+            is_special = content in special_strings
+            added[i] = {"id": i, "content": content, "normalized": not is_special, "special": is_special}
+        for tok in (tok_json or {}).get("added_tokens") or []:
+            w = where(TOKENIZER_JSON_FILE, "added_tokens")
+            added[_as_id(tok.get("id"), w)] = {"id": _as_id(tok.get("id"), w), **_token_spec(tok, w, special=False)}
+    for k in attrs:
+        if k in overrides:
+            specials[k] = overrides.pop(k)
+    # A special token whose string is an added token takes that token's flags.
+    by_content = {t["content"]: t for t in added.values()}
+    for k, v in list(specials.items()):
+        spec = _token_spec(v, f"{folder}: {k}", special=True)
+        if spec is not None and spec["content"] in by_content:
+            specials[k] = {**by_content[spec["content"]], "special": True}
+    return folder, config, specials, list(added.values()), tok_json
+
+
+def _max_length(value: Any, default: int) -> int:
+    """A config's ``model_max_length``; ``default`` when unset (transformers' 1e30 sentinel) or unusable."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 2 <= value <= 1e9:
+        return default
+    return int(value)
+
+
+def _write_configs(folder: str, tok: Any, config: dict[str, Any], full_special_map: bool) -> list[str]:
+    """Writes ``tokenizer_config.json`` (``config`` + the added / special tokens) and
+    ``special_tokens_map.json`` (token dicts when ``full_special_map``, else strings). Returns the paths."""
+
+    def full(t: dict) -> dict:
+        return {"content": t["content"], "lstrip": False, "normalized": bool(t["normalized"]),
+                "rstrip": False, "single_word": False, "special": bool(t["special"])}
+
+    config = {**config, "model_max_length": tok.model_max_length, "added_tokens_decoder": {
+        str(t["id"]): full(t) for t in sorted(tok.added_tokens.values(), key=lambda t: t["id"])}}
+    stm: dict[str, Any] = {}
+    for attr, spec in tok._special_specs.items():
+        config[attr] = spec["content"]
+        entry = full(tok.added_tokens[spec["content"]])
+        stm[attr] = {k: v for k, v in entry.items() if k != "special"} if full_special_map else spec["content"]
+    paths = [os.path.join(folder, CONFIG_FILE), os.path.join(folder, SPECIAL_TOKENS_MAP_FILE)]
+    # Key order as before: the config sorted, the CLIP map in attribute order, the BERT one sorted.
+    for p, obj in zip(paths, (dict(sorted(config.items())), stm if full_special_map else dict(sorted(stm.items())))):
+        with open(p, "w", encoding="utf-8", newline="\n") as f:
+            f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return paths
+
+
+def _added_token_table(tokenizer: Tokenizer, added_tokens: Iterable[dict],
+                       specials: dict[str, dict]) -> dict[str, dict]:
+    """Adds explicit added tokens (by id) then the special tokens to ``tokenizer``, as transformers.
+
+    For one string the last entry decides the flags. Returns content -> ``{"id", "content",
+    "normalized", "special"}``; a string missing from the vocabulary gets the library's next id.
+    """
+    table: dict[str, dict] = {}
+    for tok in sorted(added_tokens, key=lambda t: t["id"]):
+        table[tok["content"]] = dict(tok)
+    explicit = set(table)
+    for spec in specials.values():
+        if spec["content"] not in explicit:
+            table[spec["content"]] = dict(spec)
+    for spec in specials.values():
+        table[spec["content"]]["special"] = True
+    for content, tok in table.items():
+        added = AddedToken(content, normalized=bool(tok["normalized"]), special=bool(tok["special"]))
+        (tokenizer.add_special_tokens if tok["special"] else tokenizer.add_tokens)([added])
+        i = tokenizer.token_to_id(content)
+        if "id" in tok and tok["id"] != i:
+            raise ValueError(f"added token {content!r} has id {tok['id']} but the vocabulary says {i}")
+        tok["id"] = i
+    return table
+
+
+def batch_encode(tokenizer: Tokenizer, texts: str | Sequence[str], *, pad_id: int, pad_token: str,
+                 max_length: int, padding: bool | str, truncation: bool,
+                 overlong: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encodes with ``tokenizer`` (its post-processor adds the two special tokens) into arrays.
 
     Shared by the CLIP BPE and the BERT WordPiece tokenizers. ``padding``: ``"max_length"``,
     ``"longest"`` / ``True`` or ``False`` / ``"do_not_pad"`` (rows must then be equally long).
-    ``truncation`` keeps ``first``, the first ``max_length - 2`` tokens and ``last``. Without it a
-    row longer than ``max_length`` (with ``padding="max_length"``) raises (``overlong="raise"``)
-    or widens the batch to the longest row (``overlong="extend"``, as ``AlignProcessor`` returns).
-    Returns (input_ids, attention_mask), int32 (N, L).
+    ``truncation`` is the library's (first special, the first ``max_length - 2`` tokens, last
+    special). Without it a row longer than ``max_length`` (with ``padding="max_length"``) raises
+    (``overlong="raise"``) or widens the batch to the longest row (``overlong="extend"``, as
+    ``AlignProcessor`` returns). Returns (input_ids, attention_mask, token_type_ids), int32 (N, L).
     """
     if isinstance(texts, str):
         texts = [texts]
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2 (room for the two special tokens), "
                          f"got {max_length!r}")
-    if padding is True:
-        padding = "longest"
-    elif padding is False:
-        padding = "do_not_pad"
+    padding = {True: "longest", False: "do_not_pad"}.get(padding, padding) if isinstance(padding, bool) else padding
     if padding not in ("max_length", "longest", "do_not_pad"):
         raise ValueError(f"padding must be 'max_length', 'longest', True or False, got {padding!r}")
-    rows = []
     for t in texts:
         if not isinstance(t, str):
             raise TypeError(f"expected str, got {type(t).__name__}")
-        toks = token_ids(t)
-        if truncation and len(toks) > max_length - 2:
-            toks = toks[: max_length - 2]
-        row = [first_id, *toks, last_id]
-        if len(row) > max_length and padding == "max_length" and overlong == "raise":
-            raise ValueError(f"{len(row)} tokens > max_length={max_length} with truncation=False: {t[:60]!r}")
-        rows.append(row)
-    if padding == "max_length":
-        length = max([int(max_length)] + [len(r) for r in rows])
+    tokenizer.no_padding()
+    if truncation:
+        tokenizer.enable_truncation(int(max_length))
     else:
-        length = max((len(r) for r in rows), default=0)
-        if padding == "do_not_pad" and any(len(r) != length for r in rows):
+        tokenizer.no_truncation()
+    encodings: list[Encoding] = tokenizer.encode_batch(list(texts))
+    lengths = [len(e.ids) for e in encodings]
+    if padding == "max_length":
+        if overlong == "raise":
+            for t, n in zip(texts, lengths):
+                if n > max_length:
+                    raise ValueError(f"{n} tokens > max_length={max_length} with truncation=False: {t[:60]!r}")
+        length = max([int(max_length)] + lengths)
+    else:
+        length = max(lengths, default=0)
+        if padding == "do_not_pad" and any(n != length for n in lengths):
             raise ValueError("padding=False needs rows of equal length; use padding='longest' or 'max_length'")
-    input_ids = np.full((len(rows), length), pad_id, dtype=np.int32)
-    attention_mask = np.zeros((len(rows), length), dtype=np.int32)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = row
-        attention_mask[i, : len(row)] = 1
-    return input_ids, attention_mask
+    for e in encodings:
+        e.pad(length, pad_id=pad_id, pad_token=pad_token)
+
+    def stack(field: str) -> np.ndarray:
+        return np.array([getattr(e, field) for e in encodings], dtype=np.int32).reshape(len(encodings), length)
+
+    return stack("ids"), stack("attention_mask"), stack("type_ids")
 
 
-class CLIPTokenizer:
+def _special_properties(attr: str) -> tuple[property, property]:
+    """``(token, token_id)`` properties of the special token ``attr`` (None when it is unset)."""
+
+    def content(self) -> str | None:
+        spec = self._special_specs.get(attr)
+        return None if spec is None else spec["content"]
+
+    def token_id(self) -> int | None:
+        c = content(self)
+        return None if c is None else self.added_tokens[c]["id"]
+
+    return property(content), property(token_id)
+
+
+class _Wrapper:
+    """What the CLIP and BERT tokenizers share: special tokens over a ``tokenizers.Tokenizer`` (``backend``)."""
+
+    backend: Tokenizer
+    added_tokens: dict[str, dict]
+
+    def _set_specials(self, attrs: Sequence[str], values: dict[str, Any]) -> None:
+        self._special_specs: dict[str, dict] = {}
+        for attr in attrs:
+            spec = _token_spec(values.get(attr), attr, special=True)
+            if spec is not None:
+                self._special_specs[attr] = {**spec, "special": True}
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        """Number of distinct tokens including added ones (transformers' ``len(tokenizer)``)."""
+        return len(self.get_vocab())
+
+    def tokenize(self, text: str) -> list[str]:
+        """Token strings of ``text`` without the two special tokens around it."""
+        self.backend.no_truncation()
+        return self.backend.encode(text, add_special_tokens=False).tokens
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of one string with its two special tokens; no padding, no truncation."""
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        return self.backend.encode(text).ids
+
+    def _decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool) -> str:
+        return self.backend.decode(np.asarray(ids, dtype=np.int64).reshape(-1).tolist(),
+                                   skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, ids: Iterable[Iterable[int]] | np.ndarray, skip_special_tokens: bool = False) -> list[str]:
+        """``decode`` of each row of an (N, L) id array."""
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
+
+
+class CLIPTokenizer(_Wrapper):
     """CLIP byte-level BPE tokenizer matching transformers' ``CLIPTokenizer`` ids.
 
     Args:
@@ -260,7 +381,8 @@ class CLIPTokenizer:
 
     Attributes:
         model_max_length, bos_token_id, eos_token_id, pad_token_id, unk_token_id, vocab_size
-        (size of the id space, including added tokens), bos_token, eos_token, pad_token, unk_token.
+        (size of the id space, including added tokens), bos_token, eos_token, pad_token, unk_token,
+        added_tokens (content -> flags and id), backend (the ``tokenizers.Tokenizer``).
     """
 
     def __init__(
@@ -276,49 +398,29 @@ class CLIPTokenizer:
         **extra_special_tokens: str | dict | None,
     ):
         self._vocab: dict[str, int] = dict(vocab)  # as read from vocab.json (written back by save_pretrained)
-        self.encoder: dict[str, int] = dict(vocab)
-        self.bpe_ranks: dict[tuple[str, str], int] = {tuple(m): i for i, m in enumerate(merges)}
+        self._merges: list[tuple[str, str]] = [tuple(m) for m in merges]
         self.model_max_length = int(model_max_length)
-        self._cache: dict[str, list[int]] = {}
-
         specials = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token, "pad_token": pad_token}
         for k, v in extra_special_tokens.items():
             if k not in _SPECIAL_ATTRS:
                 raise TypeError(f"unexpected keyword argument {k!r}")
             specials[k] = v
-        self._special_specs: dict[str, dict] = {}
-        for attr in _SPECIAL_ATTRS:
-            spec = _token_spec(specials.get(attr), attr, special=True)
-            if spec is not None:
-                spec["special"] = True
-                self._special_specs[attr] = spec
+        self._set_specials(_SPECIAL_ATTRS, specials)
 
-        # Added-token table, built like transformers: explicit added tokens (sorted by id) then
-        # special tokens; for one string the last entry decides the flags.
-        self.added_tokens: dict[str, dict] = {}
-        for tok in sorted(added_tokens, key=lambda t: t["id"]):
-            tok = dict(tok)
-            self.added_tokens[tok["content"]] = tok
-            self.encoder.setdefault(tok["content"], tok["id"])
-            if self.encoder[tok["content"]] != tok["id"]:
-                raise ValueError(
-                    f"added token {tok['content']!r} has id {tok['id']} but the vocabulary says {self.encoder[tok['content']]}"
-                )
-        explicit = set(self.added_tokens)
-        for attr in _SPECIAL_ATTRS:
-            spec = self._special_specs.get(attr)
-            if spec is None or spec["content"] in explicit:
-                continue
-            content = spec["content"]
-            if content not in self.encoder:
-                self.encoder[content] = max(self.encoder.values(), default=-1) + 1
-            self.added_tokens[content] = {"id": self.encoder[content], **spec}
-        for attr, spec in self._special_specs.items():
-            self.added_tokens[spec["content"]]["special"] = True
-
-        self.decoder: dict[int, str] = {i: t for t, i in self.encoder.items()}
-        self._raw_pat = self._added_pattern(normalized=False)
-        self._norm_pat = self._added_pattern(normalized=True)
+        unk = self._special_specs.get("unk_token", {}).get("content")
+        tok = Tokenizer(models.BPE(vocab=self._vocab, merges=self._merges, dropout=None, continuing_subword_prefix="",
+                                   end_of_word_suffix=END_OF_WORD, fuse_unk=False, unk_token=unk))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.decoder = decoders.ByteLevel()
+        self.added_tokens = _added_token_table(tok, added_tokens, self._special_specs)
+        tok.post_processor = processors.RobertaProcessing(
+            (self.eos_token, self.eos_token_id), (self.bos_token, self.bos_token_id),
+            trim_offsets=False, add_prefix_space=False)
+        self.backend = tok
 
     # ------------------------------------------------------------------ loading / saving
 
@@ -336,129 +438,27 @@ class CLIPTokenizer:
 
         Raises:
             FileNotFoundError: the folder or a required file is missing (the message names it).
-            ValueError: a file has invalid JSON or unexpected content (the message names it).
+            TokenizerFileError: a file has invalid JSON or unexpected content (the message names it).
         """
-        folder = os.fspath(path)
-        if subfolder:
-            folder = os.path.join(folder, subfolder)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"tokenizer folder not found: {folder}")
-        if (
-            subfolder is None
-            and not os.path.exists(os.path.join(folder, VOCAB_FILE))
-            and not os.path.exists(os.path.join(folder, TOKENIZER_JSON_FILE))
-            and os.path.isdir(os.path.join(folder, "tokenizer"))
-        ):
-            folder = os.path.join(folder, "tokenizer")
-
-        def p(name: str) -> str:
-            return os.path.join(folder, name)
-
-        tok_json = None
-        if os.path.exists(p(TOKENIZER_JSON_FILE)):
-            tok_json = _read_json(p(TOKENIZER_JSON_FILE))
-            if not isinstance(tok_json, dict):
-                raise TokenizerFileError(f"{p(TOKENIZER_JSON_FILE)}: expected a JSON object")
-
-        if os.path.exists(p(VOCAB_FILE)) or os.path.exists(p(MERGES_FILE)) or tok_json is None:
-            for name in (VOCAB_FILE, MERGES_FILE):
-                if not os.path.exists(p(name)):
-                    raise FileNotFoundError(f"tokenizer file not found: {p(name)}")
-            vocab = _load_vocab(p(VOCAB_FILE))
-            merges = _load_merges(p(MERGES_FILE))
+        overrides = dict(overrides)
+        folder, config, specials, added, tok_json = _read_folder(path, subfolder, VOCAB_FILE, _SPECIAL_ATTRS, overrides)
+        files = [os.path.join(folder, n) for n in (VOCAB_FILE, MERGES_FILE)]
+        if tok_json is None or any(os.path.exists(p) for p in files):
+            for p in files:
+                if not os.path.exists(p):
+                    raise FileNotFoundError(f"tokenizer file not found: {p}")
+            vocab, merges = _load_vocab(files[0]), _load_merges(files[1])
         else:
-            vocab, merges = cls._bpe_from_tokenizer_json(tok_json, p(TOKENIZER_JSON_FILE))
-
-        config: dict[str, Any] = {}
-        if os.path.exists(p(CONFIG_FILE)):
-            config = _read_json(p(CONFIG_FILE))
-            if not isinstance(config, dict):
-                raise TokenizerFileError(f"{p(CONFIG_FILE)}: expected a JSON object")
-
-        specials: dict[str, Any] = {}
-        for k in _SPECIAL_ATTRS:
-            if k in config:
-                v = config[k]
-                _token_spec(v, f"{p(CONFIG_FILE)}: {k}", special=True)  # validate, naming the file
-                if isinstance(v, dict) and "normalized" not in v:
-                    # transformers builds AddedToken(**v): normalized defaults to "not special".
-                    v = {**v, "normalized": not v.get("special", False)}
-                specials[k] = v
-        added: dict[int, dict] = {}
-        if "added_tokens_decoder" in config:
-            atd = config["added_tokens_decoder"]
-            if not isinstance(atd, dict):
-                raise TokenizerFileError(f"{p(CONFIG_FILE)}: added_tokens_decoder must be an object")
-            for idx, tok in atd.items():
-                where = f"{p(CONFIG_FILE)}: added_tokens_decoder[{idx!r}]"
-                added[_as_id(idx, where)] = {"id": _as_id(idx, where), **_token_spec(tok, where, special=False)}
-        else:
-            # transformers' legacy path: special_tokens_map.json overrides tokenizer_config.json.
-            if os.path.exists(p(SPECIAL_TOKENS_MAP_FILE)):
-                stm = _read_json(p(SPECIAL_TOKENS_MAP_FILE))
-                if not isinstance(stm, dict):
-                    raise TokenizerFileError(f"{p(SPECIAL_TOKENS_MAP_FILE)}: expected a JSON object")
-                for k in _SPECIAL_ATTRS:
-                    if k in stm:
-                        v = stm[k]
-                        _token_spec(v, f"{p(SPECIAL_TOKENS_MAP_FILE)}: {k}", special=True)
-                        if isinstance(v, dict):
-                            v = {**v, "special": True}
-                        specials[k] = v
-            if os.path.exists(p(ADDED_TOKENS_FILE)):
-                at = _read_json(p(ADDED_TOKENS_FILE))
-                if not isinstance(at, dict):
-                    raise TokenizerFileError(f"{p(ADDED_TOKENS_FILE)}: expected a JSON object")
-                special_strings = {s["content"] for s in (
-                    _token_spec(v, k, True) for k, v in specials.items()) if s is not None}
-                for content, idx in at.items():
-                    is_special = content in special_strings
-                    i = _as_id(idx, f"{p(ADDED_TOKENS_FILE)}: {content!r}")
-                    added[i] = {"id": i, "content": content, "normalized": not is_special, "special": is_special}
-            if tok_json is not None:
-                for tok in tok_json.get("added_tokens") or []:
-                    where = f"{p(TOKENIZER_JSON_FILE)}: added_tokens"
-                    spec = _token_spec(tok, where, special=False)
-                    i = _as_id(tok.get("id"), where)
-                    added[i] = {"id": i, **spec}
-        # Keyword overrides win over the files (transformers: kwargs > special_tokens_map > config).
-        for k, v in overrides.items():
-            if k in _SPECIAL_ATTRS:
-                specials[k] = v
-        # A special token whose string is an added token takes that token's flags.
-        by_content = {t["content"]: t for t in added.values()}
-        for k, v in list(specials.items()):
-            spec = _token_spec(v, f"{folder}: {k}", special=True)
-            if spec is not None and spec["content"] in by_content:
-                specials[k] = {**by_content[spec["content"]], "special": True}
-
-        model_max_length = overrides.get("model_max_length", config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH))
-        if not isinstance(model_max_length, (int, float)) or model_max_length > 1e9:
-            model_max_length = DEFAULT_MODEL_MAX_LENGTH  # transformers' "unset" sentinel is 1e30
-        unknown = set(overrides) - set(_SPECIAL_ATTRS) - {"model_max_length"}
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
-        kwargs: dict[str, Any] = dict(_DEFAULT_SPECIALS)
-        kwargs.update(specials)
+            vocab, merges = _bpe_from_tokenizer_json(tok_json, os.path.join(folder, TOKENIZER_JSON_FILE))
+        model_max_length = _max_length(overrides.pop("model_max_length", config.get("model_max_length")),
+                                       DEFAULT_MODEL_MAX_LENGTH)
+        if overrides:
+            raise TypeError(f"unexpected keyword arguments: {sorted(overrides)}")
         try:
-            return cls(vocab, merges, model_max_length=int(model_max_length), added_tokens=list(added.values()), **kwargs)
+            return cls(vocab, merges, model_max_length=model_max_length, added_tokens=added,
+                       **{**_DEFAULT_SPECIALS, **specials})
         except ValueError as e:
             raise TokenizerFileError(f"{folder}: {e}") from e
-
-    @staticmethod
-    def _bpe_from_tokenizer_json(tok_json: dict, path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
-        model = tok_json.get("model")
-        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-            raise TokenizerFileError(f"{path}: not a BPE tokenizer.json (model.type must be 'BPE')")
-        if model.get("end_of_word_suffix") != END_OF_WORD:
-            raise TokenizerFileError(f"{path}: not a CLIP tokenizer (end_of_word_suffix must be '</w>')")
-        merges = []
-        for m in model.get("merges") or []:
-            pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-            if len(pair) != 2:
-                raise TokenizerFileError(f"{path}: bad merge {m!r}")
-            merges.append(pair)
-        return dict(model["vocab"]), merges
 
     @classmethod
     def default(cls, pad_token: str = EOS, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> "CLIPTokenizer":
@@ -487,159 +487,29 @@ class CLIPTokenizer:
         """
         folder = os.fspath(path)
         os.makedirs(folder, exist_ok=True)
-        paths = [os.path.join(folder, n) for n in (VOCAB_FILE, MERGES_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)]
-        base_vocab = dict(sorted(self._vocab.items(), key=lambda kv: kv[1]))
+        paths = [os.path.join(folder, n) for n in (VOCAB_FILE, MERGES_FILE)]
         with open(paths[0], "w", encoding="utf-8", newline="\n") as f:
-            f.write(json.dumps(base_vocab, ensure_ascii=False))
+            f.write(json.dumps(dict(sorted(self._vocab.items(), key=lambda kv: kv[1])), ensure_ascii=False))
         with open(paths[1], "w", encoding="utf-8", newline="\n") as f:
             f.write("#version: 0.2\n")
-            for a, b in sorted(self.bpe_ranks, key=self.bpe_ranks.__getitem__):
-                f.write(f"{a} {b}\n")
+            f.writelines(f"{a} {b}\n" for a, b in self._merges)
+        config = {"add_prefix_space": False, "clean_up_tokenization_spaces": False, "do_lower_case": True,
+                  "errors": "replace", "tokenizer_class": "CLIPTokenizer"}
+        return paths + _write_configs(folder, self, config, full_special_map=True)
 
-        def full(tok: dict) -> dict:
-            return {"content": tok["content"], "lstrip": False, "normalized": bool(tok["normalized"]),
-                    "rstrip": False, "single_word": False, "special": bool(tok["special"])}
-
-        config: dict[str, Any] = {
-            "add_prefix_space": False,
-            "added_tokens_decoder": {
-                str(t["id"]): full(t) for t in sorted(self.added_tokens.values(), key=lambda t: t["id"])
-            },
-            "clean_up_tokenization_spaces": False,
-            "do_lower_case": True,
-            "errors": "replace",
-            "model_max_length": self.model_max_length,
-            "tokenizer_class": "CLIPTokenizer",
-        }
-        stm: dict[str, Any] = {}
-        for attr, spec in self._special_specs.items():
-            config[attr] = spec["content"]
-            tok = self.added_tokens[spec["content"]]
-            stm[attr] = {k: v for k, v in full(tok).items() if k != "special"}
-        config = dict(sorted(config.items()))
-        with open(paths[2], "w", encoding="utf-8", newline="\n") as f:
-            f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        with open(paths[3], "w", encoding="utf-8", newline="\n") as f:
-            f.write(json.dumps(stm, indent=2, ensure_ascii=False) + "\n")
-        return paths
-
-    # ------------------------------------------------------------------ properties
-
-    def _special_id(self, attr: str) -> int | None:
-        spec = self._special_specs.get(attr)
-        return None if spec is None else self.encoder[spec["content"]]
-
-    def _special_str(self, attr: str) -> str | None:
-        spec = self._special_specs.get(attr)
-        return None if spec is None else spec["content"]
-
-    bos_token = property(lambda self: self._special_str("bos_token"))
-    eos_token = property(lambda self: self._special_str("eos_token"))
-    unk_token = property(lambda self: self._special_str("unk_token"))
-    pad_token = property(lambda self: self._special_str("pad_token"))
-    bos_token_id = property(lambda self: self._special_id("bos_token"))
-    eos_token_id = property(lambda self: self._special_id("eos_token"))
-    unk_token_id = property(lambda self: self._special_id("unk_token"))
-    pad_token_id = property(lambda self: self._special_id("pad_token"))
+    bos_token, bos_token_id = _special_properties("bos_token")
+    eos_token, eos_token_id = _special_properties("eos_token")
+    unk_token, unk_token_id = _special_properties("unk_token")
+    pad_token, pad_token_id = _special_properties("pad_token")
 
     @property
     def vocab_size(self) -> int:
         """Number of ids (49,408 for CLIP, more if added tokens extend the vocabulary)."""
-        return max(self.decoder) + 1
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def get_vocab(self) -> dict[str, int]:
-        return dict(self.encoder)
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def __repr__(self) -> str:
         return (f"CLIPTokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length}, "
                 f"bos={self.bos_token!r}, eos={self.eos_token!r}, pad={self.pad_token!r})")
-
-    # ------------------------------------------------------------------ encoding
-
-    def _added_pattern(self, normalized: bool):
-        toks = sorted((t for t, s in self.added_tokens.items() if bool(s["normalized"]) == normalized and t),
-                      key=len, reverse=True)
-        if not toks:
-            return None
-        return regex.compile("|".join(regex.escape(t) for t in toks))
-
-    @staticmethod
-    def _split(text: str, pat) -> list[tuple[str, bool]]:
-        """Splits ``text`` around matches of ``pat``: ``[(piece, is_added_token), ...]``."""
-        if pat is None or not text:
-            return [(text, False)] if text else []
-        out, pos = [], 0
-        for m in pat.finditer(text):
-            if m.start() > pos:
-                out.append((text[pos:m.start()], False))
-            out.append((m.group(), True))
-            pos = m.end()
-        if pos < len(text):
-            out.append((text[pos:], False))
-        return out
-
-    def _bpe(self, word: str) -> list[int]:
-        """BPE ids of one pre-tokenized word (a str without whitespace)."""
-        ids = self._cache.get(word)
-        if ids is not None:
-            return ids
-        chars = "".join(_BYTE_TABLE[b] for b in word.encode("utf-8"))
-        symbols = list(chars[:-1]) + [chars[-1] + END_OF_WORD]
-        ranks = self.bpe_ranks
-        while len(symbols) > 1:
-            best, best_rank = None, None
-            for pair in zip(symbols, symbols[1:]):
-                r = ranks.get(pair)
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = pair, r
-            if best is None:
-                break
-            first, second = best
-            merged, i, n = [], 0, len(symbols)
-            while i < n:
-                if i < n - 1 and symbols[i] == first and symbols[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        unk = self.unk_token_id
-        ids = [self.encoder.get(s, unk) for s in symbols]
-        if len(self._cache) >= _BPE_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[word] = ids
-        return ids
-
-    def _tokens_ids(self, text: str) -> list[int]:
-        """Ids of ``text`` without bos/eos."""
-        ids: list[int] = []
-        for piece, is_added in self._split(text, self._raw_pat):
-            if is_added:
-                ids.append(self.encoder[piece])
-                continue
-            for npiece, n_added in self._split(_normalize(piece), self._norm_pat):
-                if n_added:
-                    ids.append(self.encoder[npiece])
-                    continue
-                for word in _CLIP_PAT.findall(npiece):
-                    if word[0] == "<" and word in (BOS, EOS):
-                        for sub in _BYTELEVEL_PAT.findall(word):
-                            ids.extend(self._bpe(sub))
-                    else:
-                        ids.extend(self._bpe(word))
-        return ids
-
-    def tokenize(self, text: str) -> list[str]:
-        """Token strings of ``text`` (no bos/eos), e.g. ``"a dog's"`` -> ``['a</w>', 'dog</w>', "'s</w>"]``."""
-        return [self.decoder[i] for i in self._tokens_ids(text)]
-
-    def encode(self, text: str) -> list[int]:
-        """``[bos] + BPE ids + [eos]`` for one string; no padding, no truncation."""
-        return [self.bos_token_id, *self._tokens_ids(text), self.eos_token_id]
 
     def __call__(
         self,
@@ -650,31 +520,19 @@ class CLIPTokenizer:
     ) -> dict[str, np.ndarray]:
         """Batch-encodes like ``transformers_tokenizer(texts, padding=..., max_length=..., truncation=...)``.
 
-        Args:
-            texts: a string or a sequence of N strings.
-            max_length: sequence length (default ``model_max_length``, 77).
-            padding: ``"max_length"`` (pad every row to ``max_length``), ``"longest"`` / ``True``
-                (pad to the longest row), or ``False`` / ``"do_not_pad"`` (rows must then have
-                equal lengths).
-            truncation: keep at most ``max_length`` ids per row (bos, the first ``max_length - 2``
-                tokens, eos). With ``truncation=False`` a longer row raises ``ValueError``
-                (a ragged batch cannot be returned as one array).
-
-        Returns:
-            ``{"input_ids": int32 (N, L), "attention_mask": int32 (N, L)}`` with ``L = max_length``
-            for ``padding="max_length"``; N = 1 for a single string. Padding (right side) uses
-            ``pad_token_id`` with attention mask 0.
+        ``texts``: a string or N strings; ``max_length`` defaults to ``model_max_length`` (77);
+        ``padding``: ``"max_length"``, ``"longest"`` / ``True`` or ``False`` / ``"do_not_pad"`` (rows
+        must then be equally long); ``truncation`` keeps bos, the first ``max_length - 2`` tokens and
+        eos; without it a longer row raises ``ValueError`` (a ragged batch is no array). Returns
+        ``{"input_ids", "attention_mask"}``, int32 (N, L), right-padded with ``pad_token_id`` (mask 0).
         """
         if max_length is None:
             max_length = self.model_max_length
-        pad = self.pad_token_id if self.pad_token_id is not None else self.eos_token_id
-        input_ids, attention_mask = batch_encode(
-            texts, self._tokens_ids, first_id=self.bos_token_id, last_id=self.eos_token_id,
-            pad_id=pad, max_length=max_length, padding=padding, truncation=truncation,
-            overlong="raise")
+        pad, pad_id = (self.pad_token, self.pad_token_id) if self.pad_token is not None else (self.eos_token, self.eos_token_id)
+        input_ids, attention_mask, _ = batch_encode(
+            self.backend, texts, pad_id=pad_id, pad_token=pad, max_length=max_length, padding=padding,
+            truncation=truncation, overlong="raise")
         return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    # ------------------------------------------------------------------ decoding
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """Text of a 1-D id sequence, like transformers' ``decode``.
@@ -683,23 +541,4 @@ class CLIPTokenizer:
         ``"a dog 's"``; with ``skip_special_tokens`` the special tokens (bos, eos, pad - also ``!``
         when it is the pad token, as in transformers) are dropped.
         """
-        special_ids = {self.encoder[t] for t, s in self.added_tokens.items() if s["special"]}
-        out = bytearray()
-        for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
-            if skip_special_tokens and i in special_ids:
-                continue
-            tok = self.decoder.get(i)
-            if tok is None:
-                continue
-            for c in tok:
-                b = _BYTE_DECODER.get(c)
-                if b is None:
-                    out.extend(c.encode("utf-8"))
-                else:
-                    out.append(b)
-        text = out.decode("utf-8", errors="replace")
-        return text.replace(END_OF_WORD, " ").strip()
-
-    def batch_decode(self, ids: Iterable[Iterable[int]] | np.ndarray, skip_special_tokens: bool = False) -> list[str]:
-        """:meth:`decode` of each row of an (N, L) id array."""
-        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
+        return self._decode(ids, skip_special_tokens).replace(END_OF_WORD, " ").strip()
