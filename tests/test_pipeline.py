@@ -98,6 +98,57 @@ def test_export_new_unet_params_and_fp16(tiny_pipeline_dirs, tmp_path):
     assert again.unet.dtype == torch.float16
 
 
+def _file_dtypes(folder):
+    """{component: set of dtype names in its safetensors header} and {component: file size}."""
+    from safetensors import safe_open
+
+    dtypes, sizes = {}, {}
+    for name in ("unet", "vae", "text_encoder"):
+        (path,) = (folder / name).glob("*.safetensors")
+        with safe_open(str(path), "np") as f:
+            dtypes[name] = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+        sizes[name] = path.stat().st_size
+    return dtypes, sizes
+
+
+def test_export_keeps_the_source_dtype_unless_told(tiny_pipeline_dirs, tmp_path):
+    """dtype=None writes each component as its source stores it (a float16 folder comes back
+    float16, not doubled); an explicit dtype applies to every component."""
+    import safetensors.numpy
+
+    save_pipeline(load_pipeline(tiny_pipeline_dirs["sd21"]), tmp_path / "fp16", dtype=np.float16)
+    src_dtypes, src_sizes = _file_dtypes(tmp_path / "fp16")
+    assert src_dtypes == {n: {"F16"} for n in src_dtypes}
+    pipe = load_pipeline(tmp_path / "fp16")
+    assert pipe.stored_dtypes == {n: np.float16 for n in ("unet", "vae", "text_encoder")}
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(pipe.unet_params))  # held float32
+
+    save_pipeline(pipe, tmp_path / "same")
+    dtypes, sizes = _file_dtypes(tmp_path / "same")
+    assert dtypes == src_dtypes
+    for name, size in sizes.items():
+        assert abs(size - src_sizes[name]) <= 0.02 * src_sizes[name], (name, size, src_sizes[name])
+    again = load_pipeline(tmp_path / "same")
+    for a, b in zip(jax.tree.leaves(pipe.unet_params), jax.tree.leaves(again.unet_params)):
+        np.testing.assert_array_equal(a, b)
+
+    save_pipeline(pipe, tmp_path / "fp32", dtype=np.float32)
+    dtypes, sizes = _file_dtypes(tmp_path / "fp32")
+    assert dtypes == {n: {"F32"} for n in dtypes}
+    for name, size in sizes.items():
+        assert size > 1.9 * src_sizes[name], (name, size, src_sizes[name])
+
+    # Per component: a float32 text encoder beside a float16 UNet and VAE (the shipped toy
+    # pipeline's layout) stays so.
+    te = tmp_path / "fp16" / "text_encoder" / "model.safetensors"
+    safetensors.numpy.save_file({k: v.astype(np.float32) for k, v in
+                                 safetensors.numpy.load_file(str(te)).items()}, str(te),
+                                metadata={"format": "pt"})
+    save_pipeline(load_pipeline(tmp_path / "fp16"), tmp_path / "mixed")
+    dtypes, _ = _file_dtypes(tmp_path / "mixed")
+    assert dtypes == {"unet": {"F16"}, "vae": {"F16"}, "text_encoder": {"F32"}}
+
+
 def test_export_never_damages_existing_output(tiny_pipeline_dirs, tmp_path, monkeypatch):
     pipe = load_pipeline(tiny_pipeline_dirs["sd21"])
     out = tmp_path / "out"

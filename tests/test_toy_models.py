@@ -78,6 +78,35 @@ def test_diffusers_and_transformers_load_the_shipped_models():
     transformers.CLIPModel.from_pretrained(str(ASSETS / "clip"))
 
 
+def test_plain_diffusers_runs_the_shipped_pipeline():
+    """Default from_pretrained arguments, then a generation: the stored dtypes must agree (diffusers
+    upcasts a float16 UNet/VAE to float32, transformers 5 keeps a checkpoint's dtype, so the text
+    encoder is stored float32)."""
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(ASSETS / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red square on grass", num_inference_steps=2, output_type="np")
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert out.images.shape == (1, size, size, 3)
+    assert np.isfinite(out.images).all()
+    assert out.images.min() >= 0 and out.images.max() <= 1
+
+
+def test_plain_transformers_runs_the_shipped_encoders():
+    """AlignModel / CLIPModel with default from_pretrained arguments on a processor batch."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    images = list(world.render_batch(oracle_lib.training_specs(np.random.default_rng(0), 2)))
+    for model_cls, processor_cls, name in [(transformers.AlignModel, transformers.AlignProcessor, "align"),
+                                           (transformers.CLIPModel, transformers.CLIPProcessor, "clip")]:
+        model = model_cls.from_pretrained(str(ASSETS / name))
+        batch = processor_cls.from_pretrained(str(ASSETS / name))(
+            text=["a circle", "a red ring"], images=images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = model(**batch).logits_per_image
+        assert logits.shape == (2, 2) and torch.isfinite(logits).all(), name
+
+
 def test_pipeline_text_encoder_is_the_clip_text_tower():
     from rpo_jax.weights import io
 

@@ -65,6 +65,9 @@ class StableDiffusion:
     configs: dict[str, dict]  # config.json of unet, vae, text_encoder, as read
     model_index: dict
     source: Path | None = None
+    # Float dtype of each component's weight files in ``source`` ("unet", "vae", "text_encoder"):
+    # what save_pipeline writes when given no dtype. None: unknown or mixed (then: as held).
+    stored_dtypes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # ---- shapes -------------------------------------------------------------------------------
     @property
@@ -193,6 +196,44 @@ def _read_model_index(root: Path) -> dict:
     return index
 
 
+_SAFETENSORS_FLOATS = {"F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
+                       "F64": np.dtype(np.float64), "BF16": np.dtype(jnp.bfloat16)}
+
+
+def _safetensors_dtypes(path: Path) -> set[str]:
+    """The dtype names ("F16", "F32", ...) in a safetensors file's header, without reading data."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def stored_dtype(model_dir: str | os.PathLike, bases: tuple[str, ...],
+                 variant: str | None = None) -> np.dtype | None:
+    """The one float dtype the weight files of ``model_dir`` store, or None when they mix float
+    dtypes or cannot be told (a .bin checkpoint without torch, an unreadable header)."""
+    kind, path = io.find_weights(model_dir, bases, variant)
+    try:
+        if kind.endswith("-index"):
+            files = sorted({path.parent / s for s in json.loads(path.read_text())["weight_map"].values()})
+        else:
+            files = [path]
+        if kind.startswith("safetensors"):
+            found = set().union(*(_safetensors_dtypes(f) for f in files))
+            floats = {_SAFETENSORS_FLOATS[n] for n in found if n in _SAFETENSORS_FLOATS}
+        else:
+            import torch  # .bin checkpoints only; mmap reads the headers, not the tensors
+            floats = set()
+            for f in files:
+                state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+                floats |= {np.dtype(jnp.bfloat16) if t.dtype == torch.bfloat16
+                           else np.dtype(str(t.dtype).removeprefix("torch."))
+                           for t in state.values() if t.is_floating_point()}
+    except Exception:  # unknown: the caller keeps the weights as held
+        return None
+    return floats.pop() if len(floats) == 1 else None
+
+
 def load_pipeline(path: str | os.PathLike, *, dtype: Any = jnp.float32,
                   param_dtype: Any = jnp.float32, variant: str | None = None,
                   attention_impl: str = "auto", remat: bool = False) -> StableDiffusion:
@@ -215,9 +256,12 @@ def load_pipeline(path: str | os.PathLike, *, dtype: Any = jnp.float32,
     text_encoder, te_params, te_cfg = clip_text.load_clip_text(root / "text_encoder", **common)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     schedule = NoiseSchedule.from_pretrained(root / "scheduler")
+    stored = {name: stored_dtype(root / name, bases, variant) for name, bases in
+              (("unet", io.DIFFUSERS_WEIGHTS), ("vae", io.DIFFUSERS_WEIGHTS),
+               ("text_encoder", io.TRANSFORMERS_WEIGHTS))}
     return StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, te_params, tokenizer,
                            schedule, {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": te_cfg},
-                           index, root)
+                           index, root, stored)
 
 
 # ---- saving -----------------------------------------------------------------------------------
@@ -239,10 +283,13 @@ def _default_model_index() -> dict:
 
 
 def _write_pipeline(pipe: StableDiffusion, out: Path, unet_params: Any, dtype: Any) -> None:
-    unet_lib.save_unet(unet_params, pipe.configs["unet"], out / "unet", dtype=dtype)
-    vae_lib.save_vae(pipe.vae_params, pipe.configs["vae"], out / "vae", dtype=dtype)
+    def dtype_of(name):  # the requested dtype, else the source's (None: as held)
+        return dtype if dtype is not None else pipe.stored_dtypes.get(name)
+
+    unet_lib.save_unet(unet_params, pipe.configs["unet"], out / "unet", dtype=dtype_of("unet"))
+    vae_lib.save_vae(pipe.vae_params, pipe.configs["vae"], out / "vae", dtype=dtype_of("vae"))
     clip_text.save_clip_text(pipe.text_encoder_params, pipe.configs["text_encoder"],
-                             out / "text_encoder", dtype=dtype)
+                             out / "text_encoder", dtype=dtype_of("text_encoder"))
     src = pipe.source
     if src is not None and (src / "tokenizer").is_dir():
         shutil.copytree(src / "tokenizer", out / "tokenizer")
@@ -275,7 +322,10 @@ def save_pipeline(pipe: StableDiffusion, out_dir: str | os.PathLike, *, unet_par
     non-empty ``out_dir`` is replaced only with ``overwrite=True``.
 
     Args:
-      dtype: store weights in this dtype (e.g. np.float16); default: as held.
+      dtype: store every component's weights in this dtype (e.g. np.float16). Default: each
+        component in the float dtype its source files store (``pipe.stored_dtypes``, recorded by
+        :func:`load_pipeline`: a float16 folder comes back float16), or as held where that is
+        unknown or mixed.
     Returns: the output path.
     """
     with fsutil.atomic_dir(out_dir, overwrite) as tmp:
