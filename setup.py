@@ -36,6 +36,7 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.42.1",
             "transformers>=5.24.0",
+            "import-linter>=2.0",  # the layering contract in .importlinter (tests/test_layers.py)
         ],
     },
     entry_points={"console_scripts": ["rpo-jax=rpo_jax.cli:main"]},

@@ -22,12 +22,26 @@ Run ``rpo-jax COMMAND --help`` for each command's options.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from rpo_jax.core import config as config_lib, fsutil, logs
+from rpo_jax.evaluation import heldout
+from rpo_jax.jobs import assets, job as job_lib, toy_experiment
+from rpo_jax.rpo import preference
+from rpo_jax.sd.pipeline import load_pipeline, save_pipeline
+from rpo_jax.testing.tiny import make_tiny_pipeline
+from rpo_jax.toy import pretrain as toy_pretrain
+
+log = logs.get_logger(__name__)
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -37,12 +51,6 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-    from PIL import Image
-
-    from rpo_jax.core import fsutil
-    from rpo_jax.sd.pipeline import load_pipeline
-
     out = fsutil.check_writable_dir(args.out, args.overwrite)  # fail before the work
     t0 = time.perf_counter()
     pipe = load_pipeline(args.pretrained, dtype=getattr(jnp, args.dtype),
@@ -66,18 +74,14 @@ def _sample(args: argparse.Namespace) -> int:
                 "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
                 "eta": args.eta, "dtype": args.dtype, "images": records,
                 "seconds": {"load": round(t_load, 2), "generate_incl_compile": round(t_gen, 2)}}
-        (tmp / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+        fsutil.write_json(meta, tmp / "samples.json")
     h, w = images.shape[1:3]
-    print(f"wrote {len(images)} images ({w}x{h}) to {out}/ "
+    log.info(f"wrote {len(images)} images ({w}x{h}) to {out}/ "
           f"[load {t_load:.1f}s, sample+decode {t_gen:.1f}s incl. compile]")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from rpo_jax.sd.pipeline import load_pipeline, save_pipeline
-
     if (args.pretrained is None) == (args.workdir is None):
         print("error: give exactly one of --pretrained DIR or --workdir W", file=sys.stderr)
         return 2
@@ -85,51 +89,33 @@ def _export(args: argparse.Namespace) -> int:
     if args.pretrained is not None:
         pipe = load_pipeline(args.pretrained)
         out = save_pipeline(pipe, args.out, overwrite=args.overwrite, dtype=dtype)
-        print(f"exported {args.pretrained} → {out} (safetensors{', ' + args.dtype if args.dtype else ''})")
+        log.info(f"exported {args.pretrained} → {out} (safetensors{', ' + args.dtype if args.dtype else ''})")
         return 0
-    import flax.linen as nn
-    import jax
-    import ml_collections
-
-    from rpo_jax.rpo import preference
-    from rpo_jax.models import base, unet as unet_lib
-    from rpo_jax.rpo.train import load_best_params
-
     workdir = Path(args.workdir).absolute()
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-        print(f"error: {config_path} does not exist: not an rpo-jax training workdir", file=sys.stderr)
-        return 2
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-    pretrained, _, _ = preference.resolve_paths(config, workdir)
+    config = config_lib.workdir_config(workdir)
+    pretrained = assets.resolve(config.pretrained, workdir / "assets", "pretrained")
     pipe = load_pipeline(pretrained)
-    abstract = nn.unbox(base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config)))
-    params, meta = load_best_params(workdir, jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract))
+    params, model, _ = heldout.best_model(pipe, workdir)
     out = save_pipeline(pipe, args.out, unet_params=params, overwrite=args.overwrite, dtype=dtype)
-    print(f"exported the best UNet of {workdir} (step {meta['step']}, validation reward "
-          f"{meta['reward']:.4f}) with the rest of {pretrained} → {out}")
+    log.info(f"exported the best UNet of {workdir} (step {model['step']}, validation reward "
+          f"{model['validation_reward']:.4f}) with the rest of {pretrained} → {out}")
     return 0
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    from rpo_jax.testing.tiny import make_tiny_pipeline
-
     out = make_tiny_pipeline(args.out, seed=args.seed, flavour=args.flavour)
-    print(f"wrote a random tiny {args.flavour} pipeline to {out}")
+    log.info(f"wrote a random tiny {args.flavour} pipeline to {out}")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rpo_jax.testing.tiny import make_tiny_pipeline
-
     workdir = Path(args.workdir)
     pipeline_dir = workdir / "tiny-pipeline"
     if not (pipeline_dir / "model_index.json").is_file():
         if pipeline_dir.exists():
             shutil.rmtree(pipeline_dir)
         make_tiny_pipeline(pipeline_dir, seed=0, flavour="sd21")
-        print(f"wrote a random tiny SD-2.1-shaped pipeline to {pipeline_dir}")
+        log.info(f"wrote a random tiny SD-2.1-shaped pipeline to {pipeline_dir}")
     sample_args = argparse.Namespace(
         pretrained=str(pipeline_dir), prompt=["a photo of [V] dog", "a [V] dog on the Moon"],
         num_images=2, seed=0, out=str(workdir / "samples"), steps=args.steps, guidance_scale=7.5,
@@ -139,15 +125,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _negatives(args: argparse.Namespace) -> int:
-    from rpo_jax.core import config as config_lib
-    from rpo_jax.rpo.preference import prepare_preference_data
-
     config = config_lib.resolve(args.config, args.overrides)
-    manifest = prepare_preference_data(config, args.workdir)
+    job = job_lib.Job(config, args.workdir, record_config=False)
+    manifest = job.negatives()
     p = manifest["label_probability"]
-    folder = Path(args.workdir).absolute() / "negatives"
-    print(f"{len(manifest['negatives'])} negatives, {len(manifest['references'])} references, "
-          f"{p['pairs']} pairs in {folder}\n"
+    log.info(f"{len(manifest['negatives'])} negatives, {len(manifest['references'])} references, "
+          f"{p['pairs']} pairs in {job.workdir / preference.NEGATIVES_DIR}\n"
           f"label probability σ(r_ref − r_gen): min {p['min']:.3f} mean {p['mean']:.3f} "
           f"max {p['max']:.3f}; mean reward: negatives {manifest['reward_stats']['r_gen_mean']:.3f}, "
           f"references {manifest['reward_stats']['r_ref_mean']:.3f}")
@@ -155,54 +138,49 @@ def _negatives(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rpo_jax.core import config as config_lib
-    from rpo_jax.rpo.train import train_and_evaluate
-
     config = config_lib.resolve(args.config, args.overrides)
-    summary = train_and_evaluate(config, args.workdir)
-    if summary["interrupted"]:
-        return 143
-    if config.test.num_images > 0:  # base vs selected model on the held-out prompts
-        from rpo_jax.evaluation.report import write_report
-        write_report(config, args.workdir)
-    return 0
+    summary = job_lib.train_and_evaluate(config, args.workdir)
+    return 143 if summary["interrupted"] else 0
 
 
 def _toy_pretrain(args: argparse.Namespace) -> int:
-    from rpo_jax.toy.pretrain import STAGES, pretrain
-
-    stages = tuple(args.stages.split(",")) if args.stages else STAGES
-    unknown = [s for s in stages if s not in STAGES]
+    stages = tuple(args.stages.split(",")) if args.stages else toy_pretrain.STAGES
+    unknown = [s for s in stages if s not in toy_pretrain.STAGES]
     if unknown:
-        raise ValueError(f"--stages: unknown {unknown}; known: {list(STAGES)}")
-    report = pretrain(args.out, scale=args.scale, seed=args.seed, stages=stages)
+        raise ValueError(f"--stages: unknown {unknown}; known: {list(toy_pretrain.STAGES)}")
+    report = toy_pretrain.pretrain(args.out, scale=args.scale, seed=args.seed, stages=stages)
     gate = report.get("gate", {}).get("accuracy")
-    print(f"toy models in {Path(args.out).absolute()}"
+    log.info(f"toy models in {Path(args.out).absolute()}"
           + (f"; quality gate (oracle accuracy on held-out prompts): {gate}" if gate else ""))
     return 0
 
 
 def _toy_experiment(args: argparse.Namespace) -> int:
-    from rpo_jax.core import config as config_lib
-    from rpo_jax.jobs.toy_experiment import ARMS, run_experiment
-
     config = config_lib.resolve(args.config, args.overrides)
     seeds = [int(s) for s in args.seeds.split(",")]
-    arms = [a.strip() for a in args.arms.split(";")] if args.arms else list(ARMS)
-    run_experiment(config, args.workdir, seeds=seeds, arms=arms)
+    arms = [a.strip() for a in args.arms.split(";")] if args.arms else list(toy_experiment.ARMS)
+    toy_experiment.run_experiment(config, args.workdir, seeds=seeds, arms=arms)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rpo_jax.evaluation.heldout import eval_command
-
-    return eval_command(args)
+    workdir = Path(args.workdir).absolute()
+    if args.config:
+        config = config_lib.resolve(args.config, args.overrides)
+    else:
+        config = config_lib.workdir_config(workdir, args.overrides)
+    job = job_lib.Job(config, workdir, record_config=False)
+    job.evaluate(pretrained=args.pretrained, label=args.label, lambda_val=args.lambda_val)
+    return 0
 
 
 def _dreambench(args: argparse.Namespace) -> int:
-    from rpo_jax.evaluation.heldout import dreambench_command
-
-    return dreambench_command(args)
+    config = config_lib.resolve(args.config, args.overrides)
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    results = job_lib.run_dreambench(config, args.workdir, args.dataset, subjects=subjects,
+                                     host_index=args.host_index, host_count=args.host_count,
+                                     config_name=args.config)
+    return 143 if results["interrupted"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training workdir: export its best UNet with the rest of its base pipeline")
     p.add_argument("--out", required=True, help="destination folder")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="weight dtype to store (default: as loaded, float32)")
+                   help="weight dtype to store for every component (default: each component's dtype in "
+                        "the source files, e.g. a float16 folder stays float16)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_export)
 
@@ -382,12 +361,23 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    logs.configure()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if not _raised_by_rpo_jax(e):
+            raise  # a bug (e.g. a shape error inside JAX): show the whole traceback
         # Config, weight-file and path problems: the message names the file and key.
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _raised_by_rpo_jax(error: BaseException) -> bool:
+    """Whether rpo_jax's own code raised ``error`` (a check of the user's input), rather than a
+    library it called."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = str(Path(__file__).resolve().parent)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package)
 
 
 if __name__ == "__main__":

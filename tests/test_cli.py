@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rpo_jax import cli
 from rpo_jax.cli import main
 
 
@@ -83,3 +84,13 @@ def test_negatives_command(tmp_path, capsys):
     assert "reward.lambda_train must be in [0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--bogus"])
+
+
+def test_a_bug_inside_jax_shows_its_traceback(monkeypatch):
+    """Bad input gets a one-line error (above); a ValueError raised inside JAX is a bug and
+    propagates with its traceback."""
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(cli, "_negatives", lambda args: jnp.split(jnp.ones(3), 2))
+    with pytest.raises(ValueError, match="equal division"):
+        cli.main(["negatives", "--config", "configs/tiny.py", "--workdir", "unused"])

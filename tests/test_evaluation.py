@@ -8,7 +8,7 @@ import pytest
 
 from rpo_jax.core import config as config_lib, images as images_lib
 from rpo_jax.evaluation import dreambench, heldout as evaluation
-from rpo_jax.rpo import train
+from rpo_jax.jobs import job as job_lib
 from rpo_jax.cli import main
 from rpo_jax.testing.tiny import make_tiny_subject
 
@@ -28,8 +28,7 @@ METRICS = {"dino", "clip_i", "clip_t", "reward@0.3", "reward@0.5", "reward@0.7"}
 def trained(tmp_path_factory):
     """A finished tiny training run (its config.json carries the test settings above)."""
     workdir = tmp_path_factory.mktemp("eval-run")
-    summary = train.train_and_evaluate(config_lib.resolve(CONFIG, OVERRIDES), workdir,
-                                       progress=False)
+    summary = job_lib.Job(config_lib.resolve(CONFIG, OVERRIDES), workdir).train(progress=False)
     return workdir, summary
 
 
@@ -50,15 +49,6 @@ def test_test_prompts():
         evaluation.test_prompts(config)
 
 
-def test_noise_depends_only_on_seed_prompt_and_image():
-    shape = (4, 4, 4)
-    all_ = evaluation.initial_noise(3, np.array([0, 0, 1, 2]), np.array([0, 1, 0, 5]), shape)
-    one = evaluation.initial_noise(3, np.array([2]), np.array([5]), shape)
-    np.testing.assert_array_equal(np.asarray(all_[3]), np.asarray(one[0]))
-    other = evaluation.initial_noise(4, np.array([2]), np.array([5]), shape)
-    assert not np.allclose(np.asarray(one), np.asarray(other))
-
-
 def test_eval_writes_scores_and_grid(trained, capsys):
     workdir, summary = trained
     assert main(["eval", "--workdir", str(workdir)]) == 0  # config from workdir/config.json
@@ -73,7 +63,7 @@ def test_eval_writes_scores_and_grid(trained, capsys):
     assert all(len(v) == 3 for v in scores["per_prompt"].values())
     assert scores["model"]["kind"] == "best" and scores["model"]["step"] == summary["best_step"]
     assert scores["test"]["num_images"] == 1 and scores["num_references"] == 4
-    assert set(scores["seconds"]) >= {"load", "generate_incl_compile", "total"}
+    assert set(scores["seconds"]) >= {"generate_incl_compile", "score", "total"}
     grid = _grid(folder / "grid.png")
     assert grid.shape[1] == 32 and grid.shape[0] > 3 * 32  # 3 labelled rows of one 32-px image
     assert not list((workdir / "eval").glob(".*"))  # no temporary folders left behind
@@ -95,20 +85,6 @@ def test_base_evaluation_is_reproducible_and_skips_metrics(trained, capsys):
     np.testing.assert_array_equal(_grid(workdir / "eval" / "base" / "grid.png"),
                                   _grid(workdir / "eval" / "again" / "grid.png"))
     assert again["mean"]["clip_t"] == pytest.approx(first["mean"]["clip_t"], abs=1e-6)
-
-
-def test_generation_does_not_depend_on_batch_size(trained):
-    from rpo_jax.sd.pipeline import load_pipeline
-
-    workdir, _ = trained
-    pipe = load_pipeline(workdir / "assets" / "tiny-sd21")
-    kw = dict(num_images=2, num_inference_steps=2, guidance_scale=7.5, seed=5)
-    prompts = ["a [V] toy in the snow", "a red [V] toy"]
-    a = evaluation.generate_test_images(pipe, pipe.unet_params, prompts, batch_size=3, **kw)
-    b = evaluation.generate_test_images(pipe, pipe.unet_params, prompts, batch_size=1, **kw)
-    assert a.shape == (2, 2, 32, 32, 3) and a.dtype == np.uint8
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    assert not np.array_equal(a[0, 0], a[0, 1])  # images of one prompt get different noise
 
 
 def test_eval_errors_name_the_path(trained, tmp_path, capsys):

@@ -7,7 +7,6 @@ import pytest
 from rpo_jax.reward import encoders, harmonic as reward
 from rpo_jax.evaluation import metrics
 from rpo_jax.testing import tiny_encoders
-from rpo_jax.models import vit
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,7 +23,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encs(folders):
-    return {"dino": vit.load_dino_encoder(folders["dino"], batch_size=4),
+    return {"dino": encoders.load_dino_encoder(folders["dino"], batch_size=4),
             "clip": encoders.load_dual_encoder(folders["clip"], batch_size=4)}
 
 

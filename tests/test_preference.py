@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpo_jax.core import config as config_lib, partitioning
+from rpo_jax.core import config as config_lib, logs
+from rpo_jax.jobs import job as job_lib
 from rpo_jax.rpo import preference
 from rpo_jax.rpo.preference import PreferenceData, Subject
+from rpo_jax.testing import tiny
 
 
 def test_prompts_follow_the_paper(tmp_path):
@@ -54,10 +56,15 @@ def _tiny_config(**overrides):
     return config
 
 
+def _negatives(config, workdir, progress=False):
+    """The `rpo-jax negatives` job."""
+    return job_lib.Job(config, workdir, record_config=False).negatives(progress)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("neg")
-    manifest = preference.prepare_preference_data(_tiny_config(), workdir, progress=False)
+    manifest = _negatives(_tiny_config(), workdir, progress=False)
     return workdir, manifest
 
 
@@ -79,42 +86,23 @@ def test_negatives_on_tiny_pipeline(tiny_run):
 
 
 def test_rerun_reuses(tiny_run, capsys):
+    logs.configure()
     workdir, manifest = tiny_run
     image = workdir / "negatives" / manifest["negatives"][0]["file"]
     stamp = image.stat().st_mtime_ns
-    again = preference.prepare_preference_data(_tiny_config(), workdir, progress=True)
+    again = _negatives(_tiny_config(), workdir, progress=True)
     assert "reusing" in capsys.readouterr().out
     assert again["fingerprint"] == manifest["fingerprint"] and image.stat().st_mtime_ns == stamp
 
 
 def test_changed_setting_regenerates(tiny_run, tmp_path):
     _, manifest = tiny_run  # a workdir of its own: the module's fixture stays as it is
-    fewer = preference.prepare_preference_data(_tiny_config(**{"negatives.k": 1}), tmp_path, progress=False)
+    fewer = _negatives(_tiny_config(**{"negatives.k": 1}), tmp_path, progress=False)
     assert len(fewer["negatives"]) == 8 and fewer["fingerprint"] != manifest["fingerprint"]
-    changed = preference.prepare_preference_data(_tiny_config(), tmp_path, progress=False)
+    changed = _negatives(_tiny_config(), tmp_path, progress=False)
     assert len(changed["negatives"]) == 16 and changed["fingerprint"] != fewer["fingerprint"]
     assert json.loads((tmp_path / "negatives" / "manifest.json").read_text())["fingerprint"] == \
         changed["fingerprint"]
-
-
-def test_sharded_sampling_matches_one_device(tiny_run, tmp_path):
-    workdir, manifest = tiny_run
-    from rpo_jax.sd.pipeline import load_pipeline
-
-    pipe = load_pipeline(workdir / "assets" / "tiny-sd21")
-    settings = preference.NegativesSettings(k=1, num_inference_steps=3, batch_size=8)
-    prompts = ["a [V] toy on the Moon"] * 8
-    index = np.arange(8)
-    one = preference._sample_images(pipe, prompts, index, 0, settings, 32,
-                                    partitioning.make_mesh((1, 1, 1), jax.devices()[:1]), False)
-    eight = preference._sample_images(pipe, prompts, index, 0, settings, 32,
-                                      partitioning.make_mesh((8, 1, 1)), False)
-    assert np.abs(one.astype(int) - eight.astype(int)).max() <= 1
-    # batch size does not change which noise an image gets
-    small = preference._sample_images(pipe, prompts, index, 0,
-                                      preference.NegativesSettings(k=1, num_inference_steps=3, batch_size=3),
-                                      32, None, False)
-    assert np.abs(one.astype(int) - small.astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -124,7 +112,7 @@ def test_sharded_sampling_matches_one_device(tiny_run, tmp_path):
 ])
 def test_bad_config_values_name_the_key(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
-        preference.prepare_preference_data(_tiny_config(**{key: value}), tmp_path, progress=False)
+        _negatives(_tiny_config(**{key: value}), tmp_path, progress=False)
     assert not (tmp_path / "negatives").exists()
 
 
@@ -133,18 +121,15 @@ def test_reference_folder_without_images(tmp_path):
     empty.mkdir()
     (empty / "notes.txt").write_text("no photos here")
     with pytest.raises(ValueError, match=str(empty)):
-        preference.prepare_preference_data(_tiny_config(**{"subject.reference_dir": str(empty)}),
+        _negatives(_tiny_config(**{"subject.reference_dir": str(empty)}),
                                            tmp_path / "w", progress=False)
 
 
 def test_truncated_reference_photo_is_named(tmp_path):
-    from rpo_jax.testing import tiny
-
-
     photos = tiny.make_tiny_subject(tmp_path / "photos")
     data = (photos / "02.jpg").read_bytes()
     (photos / "02.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="02.jpg"):
-        preference.prepare_preference_data(_tiny_config(**{"subject.reference_dir": str(photos)}),
+        _negatives(_tiny_config(**{"subject.reference_dir": str(photos)}),
                                            tmp_path / "w", progress=False)
     assert not (tmp_path / "w" / "negatives").exists()

@@ -23,9 +23,9 @@ import json
 
 import pytest
 
-from rpo_jax.core import config as config_lib
-from rpo_jax.evaluation.report import write_report
-from rpo_jax.rpo.train import train_and_evaluate
+from rpo_jax.core import config as config_lib, logs
+from rpo_jax.jobs import job as job_lib
+from rpo_jax.models import align, clip, unet
 
 MIN_SUBJECT_RATE_GAIN = 0.02  # oracle subject rate; measured +0.141, +0.047, +0.062
 MIN_FIDELITY_GAIN = 0.04      # CLIP-I; measured +0.200, +0.075, +0.083
@@ -36,17 +36,52 @@ SCENE_TOLERANCE = 0.27        # oracle scene accuracy may fall by this much; mea
 OVERRIDES = ["--config.mesh=(1,1,1)", "--config.train.max_steps=200"]
 
 
+def _counting(monkeypatch, module, name, counts):
+    """Count the calls of ``module.name`` (the weight readers every model load goes through)."""
+    original = getattr(module, name)
+    def counted(folder, *args, **kwargs):
+        counts.setdefault(name, []).append(str(folder))
+        return original(folder, *args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
+    """The main job, `rpo-jax train --config configs/toy.py` (200 steps), counting weight reads."""
     workdir = tmp_path_factory.mktemp("toy")
     config = config_lib.resolve("configs/toy.py", OVERRIDES)
-    train_and_evaluate(config, workdir, progress=False)
-    report = write_report(config, workdir, progress=False)
-    return workdir, report
+    loads = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for module, name in ((unet, "load_unet"), (align, "load_align"), (clip, "load_clip")):
+            _counting(mp, module, name, loads)
+        job_lib.train_and_evaluate(config, workdir, progress=False)
+    report = json.loads((workdir / "report.json").read_text())
+    return workdir, report, loads, config
+
+
+def test_the_job_loads_each_model_once(toy_run):
+    """Negatives, training (with validation) and the report share one pipeline (UNet), one reward
+    model (ALIGN) and one evaluation CLIP."""
+    *_, loads, _ = toy_run
+    assert {k: len(v) for k, v in loads.items()} == {"load_unet": 1, "load_align": 1, "load_clip": 1}
+    assert loads["load_unet"][0].endswith("unet")
+
+
+def test_a_second_run_shows_the_finished_report(toy_run, capsys):
+    logs.configure()
+    workdir, report, _, config = toy_run
+    loads = {}
+    with pytest.MonkeyPatch.context() as mp:
+        _counting(mp, unet, "load_unet", loads)
+        job_lib.train_and_evaluate(config, workdir, progress=False)
+    assert loads == {}  # nothing loaded, nothing evaluated again
+    out = capsys.readouterr().out
+    assert "already finished" in out and (workdir / "report.md").read_text() in out
+    assert json.loads((workdir / "report.json").read_text()) == report
 
 
 def test_rpo_raises_subject_rate_and_fidelity_within_scene_tolerance(toy_run):
-    workdir, report = toy_run
+    workdir, report, *_ = toy_run
     base, best = report["oracle"]["base"], report["oracle"]["best"]
     print(json.dumps({"base": report["base"], "best": report["best"], "oracle": {
         k: {m: v[m] for m in ("subject_rate", "scene_accuracy")} for k, v in report["oracle"].items()}}))
@@ -56,7 +91,7 @@ def test_rpo_raises_subject_rate_and_fidelity_within_scene_tolerance(toy_run):
 
 
 def test_main_job_leaves_its_report_files(toy_run):
-    workdir, _ = toy_run
+    workdir, *_ = toy_run
     for name in ("report.md", "report.json", "comparison.png", "curves.png", "summary.json"):
         assert (workdir / name).is_file(), name
     text = (workdir / "report.md").read_text()

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from rpo_jax.core import config as config_lib
+from rpo_jax.jobs import job as job_lib
 from rpo_jax.rpo import train
 from rpo_jax.cli import main
 
@@ -56,7 +57,7 @@ def _start_and_wait_for_a_checkpoint(workdir, overrides, stdout):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("train")
-    summary = train.train_and_evaluate(_config(), workdir, progress=False)
+    summary = job_lib.Job(_config(), workdir).train(progress=False)
     return workdir, summary
 
 
@@ -178,3 +179,11 @@ def test_rerunning_a_finished_run_keeps_its_summary(run, capsys):
     assert main(["train", "--config", CONFIG, "--workdir", str(workdir)] + OVERRIDES) == 0
     assert "already finished at step 4" in capsys.readouterr().out
     assert (workdir / "summary.json").read_text() == before
+
+
+def test_metrics_log_drops_lines_after_the_resume_step_and_cut_off_lines(tmp_path):
+    lines = [json.dumps({"step": s, "kind": "train", "loss": 1.0}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "ki')
+    log = train.MetricsLog(tmp_path, resume_step=2)
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n" + lines[1] + "\n"

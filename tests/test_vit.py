@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 from rpo_jax.reward import encoders
-from rpo_jax.testing import tiny
-from rpo_jax import tiny_encoders  # noqa: E402
+from rpo_jax.jobs import assets
+from rpo_jax.testing import tiny_encoders  # noqa: E402
 from rpo_jax.models import base, vit  # noqa: E402
 from rpo_jax.weights import io  # noqa: E402
 
@@ -269,8 +269,8 @@ def test_preprocessor_config_files(tmp_path, tiny_dir):
 
 def test_tiny_dino_encoder_matches_transformers(tmp_path):
     """tiny:dino → load_dino_encoder.embed_images == ViTImageProcessor → ViTModel CLS, L2-normalised."""
-    folder = tiny.resolve_path("tiny:dino", tmp_path, "dino_model")
-    enc = vit.load_dino_encoder(folder, batch_size=4)
+    folder = assets.resolve("tiny:dino", tmp_path, "dino_model")
+    enc = encoders.load_dino_encoder(folder, batch_size=4)
     assert isinstance(enc, encoders.DualEncoder) and enc.kind == "dino"
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in SIZES]

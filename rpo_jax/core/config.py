@@ -12,12 +12,15 @@ so code cannot add fields by typo either.
 from __future__ import annotations
 
 import ast
-import importlib.util
+import json
 import os
+import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
+
+from rpo_jax.core import fsutil
 
 
 class ConfigError(ValueError):
@@ -126,12 +129,27 @@ def resolve(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDi
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:
     """A JSON-serialisable plain dict of the config (tuples become lists)."""
-    def plain(x):
-        if isinstance(x, (ml_collections.ConfigDict, dict)):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        if isinstance(x, os.PathLike):
-            return os.fspath(x)
-        return x
-    return plain(config)
+    return fsutil.jsonable(config)
+
+
+def _tuples(x: Any) -> Any:
+    """JSON lists back to the tuples the config files use (recursively)."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def workdir_config(workdir: str | os.PathLike,
+                   overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config a training run saved in ``workdir/config.json`` (+ ``--config.KEY=VALUE``
+    overrides), as a locked ConfigDict."""
+    path = Path(workdir).absolute() / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {path.parent} is not an rpo-jax training "
+                                "workdir (pass --config FILE.py to evaluate with a config file)")
+    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    config = apply_overrides(config, overrides)
+    config.lock()
+    return config

@@ -1,7 +1,8 @@
 """After training: base model vs fine-tuned model on the held-out prompts, as files a person reads.
 
-``write_report(config, workdir)`` evaluates both models on ``config.test`` (the same initial
-noise for both, see :func:`rpo_jax.evaluation.heldout.generate_test_images`) and writes into WORKDIR:
+``write_report(config, workdir, base=..., best=...)`` takes both models' held-out evaluations
+(:func:`rpo_jax.evaluation.heldout.evaluate` on ``config.test``, the same initial noise for both,
+see :func:`rpo_jax.sd.sampling.sample_image_sets`) and writes into WORKDIR:
 
   report.md        the summary table (subject fidelity, text alignment, λ-Harmonic, and with
                    toy-world oracle judges the oracle's subject rate and scene accuracy)
@@ -18,20 +19,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from rpo_jax.core import fsutil, images as images_lib
-from rpo_jax.weights import io
+from rpo_jax.core import fsutil, images as images_lib, logs
+from rpo_jax.evaluation import metrics
+from rpo_jax.toy import oracle as oracle_lib, subject as toy_subject
+
+log = logs.get_logger(__name__)
+
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
 
 
 def oracle_scores(oracle_dir: str | os.PathLike, images: np.ndarray, prompts: Sequence[str]) -> dict:
     """Toy-world judges on (P, n, H, W, 3) images of ``prompts``: the subject rate (judged to be
     the subject, p > 0.5), the mean subject probability, and scene accuracy (judged to show the
     prompt's scene), per prompt and overall."""
-    from rpo_jax.toy import oracle as oracle_lib, subject as toy_subject
-
     judges = oracle_lib.load(oracle_dir)
     p, n = images.shape[:2]
     verdict = judges.judge(images.reshape((p * n,) + images.shape[2:]))
@@ -68,7 +73,7 @@ def read_metrics(workdir: Path) -> tuple[list[dict], list[dict]]:
 
 def plot_curves(workdir: Path, path: Path, lambda_val: float, best_step: int | None) -> Path:
     """Validation reward (with the selected step marked) and the loss terms over steps."""
-    import matplotlib
+    import matplotlib  # imported only when a figure is drawn: matplotlib is slow to import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -83,14 +88,15 @@ def plot_curves(workdir: Path, path: Path, lambda_val: float, best_step: int | N
     for key in ("loss", "l_sim", "l_pref"):
         if train and key in train[0]:
             ax2.plot([r["step"] for r in train], [r[key] for r in train], label=key, lw=1)
-    ax2.set(title="training loss terms", xlabel="step")
-    ax2.legend()
+    ax2.set(title="training loss terms (mean per pair)", xlabel="step", ylabel="loss")
+    if ax2.get_legend_handles_labels()[0]:  # beside the axes, so it never covers a curve
+        ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return save_figure(fig, path)
 
 
 def save_figure(fig, path: Path) -> Path:
     """Write a matplotlib figure as PNG atomically (``fsutil.atomic_file``) and close it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only when a figure is drawn: matplotlib is slow to import
 
     fig.tight_layout()
     try:
@@ -121,21 +127,16 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
-    """Evaluate base and selected model on the held-out prompts and write the report files."""
-    from rpo_jax.evaluation import heldout as evaluation, metrics
-    from rpo_jax.rpo import preference
-    from rpo_jax.testing import tiny
-
+def write_report(config, workdir: str | os.PathLike, *, base: dict, best: dict,
+                 oracle_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Write the report files from the held-out evaluations of the base (``base``) and the
+    selected (``best``) model (:func:`rpo_jax.evaluation.heldout.evaluate` results); with
+    ``oracle_dir`` (the toy world's judges) the oracle's verdicts are added."""
     workdir = Path(workdir).absolute()
     summary = json.loads((workdir / "summary.json").read_text())
-    pretrained, _, _ = preference.resolve_paths(config, workdir)
-    base = evaluation.evaluate(config, workdir, pretrained=pretrained, label="base", progress=progress)
-    best = evaluation.evaluate(config, workdir, label="best", progress=progress)
-    prompts = evaluation.test_prompts(config)
+    prompts = base["scores"]["prompts"]
     oracle = {}
-    if config.test.oracle:
-        oracle_dir = tiny.resolve_path(config.test.oracle, workdir / "assets", "test.oracle")
+    if oracle_dir is not None:
         oracle = {k: oracle_scores(oracle_dir, r["images"], prompts) for k, r in
                   (("base", base), ("best", best))}
     lam_key = metrics.reward_key(config.reward.lambda_val)
@@ -147,14 +148,15 @@ def write_report(config, workdir: str | os.PathLike, *, progress: bool = True) -
             f"Selected by validation reward r_λ (λ_val = {config.reward.lambda_val}) at step "
             f"{summary['best_step']} of {summary['final_step']}. Held-out prompts: "
             + "; ".join(prompts) + "\n")
-    (workdir / "report.md").write_text(text)
     comparison_grid(base["images"], best["images"], prompts, workdir / "comparison.png")
     plot_curves(workdir, workdir / "curves.png", config.reward.lambda_val, summary["best_step"])
+    with fsutil.atomic_file(workdir / REPORT_MD) as f:
+        f.write(text)
     report = {"rows": rows, "prompts": prompts, "oracle": oracle,
               "base": base["scores"]["mean"], "best": best["scores"]["mean"]}
-    io.write_json(report, workdir / "report.json")
+    fsutil.write_json(report, workdir / REPORT_JSON)  # last: its presence marks a finished report
     if progress:
-        print("\n" + markdown_table(rows) + "\n")
-        for name in ("report.md", "comparison.png", "curves.png"):
-            print(f"[report] {workdir / name}")
+        log.info("\n" + markdown_table(rows) + "\n")
+        for name in (REPORT_MD, "comparison.png", "curves.png"):
+            log.info(f"[report] {workdir / name}")
     return report

@@ -30,7 +30,11 @@ from typing import Sequence
 
 import numpy as np
 
-from rpo_jax.weights import io
+from rpo_jax.core import fsutil, logs
+from rpo_jax.evaluation import heldout, report
+from rpo_jax.jobs import job as job_lib
+
+log = logs.get_logger(__name__)
 
 ARMS = {
     "base": {},
@@ -72,56 +76,42 @@ def _run_dir(workdir: Path, arm: str, seed: int) -> Path:
     return workdir / "runs" / (f"rpo-seed{seed}" if "select" in ARMS[arm] else f"{_slug(arm)}-seed{seed}")
 
 
-def run_arm(config, arm: str, seed: int, workdir: Path, progress: bool) -> dict:
+def run_arm(config, arm: str, seed: int, workdir: Path, progress: bool,
+            models: job_lib.Models | None = None) -> dict:
     """Train (unless base, or already trained) and score one arm; its result is cached in
     WORKDIR/runs/<arm>-seed<N>/result.json, its images under the training run's eval/<label>/.
+    ``models``: shared by every arm, so the pipeline and encoders are read once.
 
     The oracle's numbers are recomputed from the saved images on every call, so the table always
     reflects the current judges."""
-    from rpo_jax.evaluation import heldout as evaluation
-    from rpo_jax.rpo import preference
-    from rpo_jax.rpo.train import train_and_evaluate
-
     run_dir = _run_dir(workdir, arm, seed)
     result_path = workdir / "runs" / f"{_slug(arm)}-seed{seed}" / "result.json"
     c = arm_config(config, arm, seed)
     select = ARMS[arm].get("select")
     swept = select is not None and select != float(c.reward.lambda_val)
-    label = evaluation.default_label(base=arm == "base", lambda_val=select if swept else None)
-    images_path = run_dir / evaluation.EVAL_DIR / label / evaluation.IMAGES_NAME
+    label = heldout.default_label(base=arm == "base", lambda_val=select if swept else None)
+    images_path = run_dir / heldout.EVAL_DIR / label / heldout.IMAGES_NAME
+    job = job_lib.Job(c, run_dir, models=models, record_config=arm != "base")
     if result_path.is_file() and images_path.is_file():
         result = json.loads(result_path.read_text())
         images = np.load(images_path)
     else:
         t0 = time.perf_counter()
         if arm == "base":
-            run_dir.mkdir(parents=True, exist_ok=True)
-            pretrained, _, _ = preference.resolve_paths(c, run_dir)
-            out = evaluation.evaluate(c, run_dir, pretrained=pretrained, label=label, progress=progress)
+            out = job.evaluate(base=True, label=label, progress=progress)
             best_step = 0
         else:
-            train_and_evaluate(c, run_dir, progress=progress)
-            out = evaluation.evaluate(c, run_dir, label=label, lambda_val=select if swept else None,
-                                      progress=progress)
+            job.train(progress)
+            out = job.evaluate(label=label, lambda_val=select if swept else None, progress=progress)
             best_step = out["scores"]["model"]["step"]
         images = out["images"]
         result = {"arm": arm, "seed": seed, "best_step": best_step, **out["scores"]["mean"],
                   "num_images": int(np.prod(images.shape[:2])),
                   "seconds": round(time.perf_counter() - t0, 1)}
-    result.update(_oracle(c, run_dir, images))
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    io.write_json(result, result_path)
+    scores = report.oracle_scores(job.path("test.oracle"), images, heldout.test_prompts(c))
+    result.update({k: scores[k] for k in ("subject_rate", "scene_accuracy", "subject_prob")})
+    fsutil.write_json(result, result_path, sort_keys=True)
     return result
-
-
-def _oracle(config, run_dir: Path, images: np.ndarray) -> dict:
-    from rpo_jax.evaluation import heldout as evaluation, report
-    from rpo_jax.testing import tiny
-
-    oracle_dir = tiny.resolve_path(config.test.oracle, run_dir / "assets", "test.oracle")
-    scores = report.oracle_scores(oracle_dir, images, evaluation.test_prompts(config))
-    return {"subject_rate": scores["subject_rate"], "scene_accuracy": scores["scene_accuracy"],
-            "subject_prob": scores["subject_prob"]}
 
 
 def summarize(results: list[dict], arms: Sequence[str]) -> dict:
@@ -158,7 +148,7 @@ def markdown(summary: dict, num_images: int) -> str:
 def plot(summary: dict, path: Path) -> None:
     """Fidelity (oracle subject rate) against alignment (oracle scene accuracy), one point per arm
     with its seed std as error bars; and the CLIP-I / CLIP-T pair the same way."""
-    import matplotlib
+    import matplotlib  # imported only when a figure is drawn: matplotlib is slow to import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -171,8 +161,7 @@ def plot(summary: dict, path: Path) -> None:
                             capsize=3, label=arm)
         ax.set(title=title, xlabel=f"text alignment ({fx})", ylabel=f"subject fidelity ({fy})")
     axes[0].legend(fontsize=8)
-    from rpo_jax.evaluation.report import save_figure
-    save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def run_experiment(config, workdir: str | os.PathLike, *, seeds: Sequence[int] = (0, 1, 2),
@@ -184,17 +173,20 @@ def run_experiment(config, workdir: str | os.PathLike, *, seeds: Sequence[int] =
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
+    models = job_lib.Models()
     for seed in seeds:
         for arm in arms:
-            print(f"[experiment] {arm}, seed {seed}")
-            results.append(run_arm(config, arm, seed, workdir, progress))
+            log.info(f"[experiment] {arm}, seed {seed}")
+            results.append(run_arm(config, arm, seed, workdir, progress, models))
     summary = summarize(results, arms)
     num_images = results[0]["num_images"] if results else 0
     table = markdown(summary, num_images)
-    (workdir / "experiment.md").write_text("# RPO ablation on the toy subject\n\n" + table)
-    io.write_json({"results": results, "summary": summary}, workdir / "experiment.json")
+    with fsutil.atomic_file(workdir / "experiment.md") as f:
+        f.write("# RPO ablation on the toy subject\n\n" + table)
+    fsutil.write_json({"results": results, "summary": summary}, workdir / "experiment.json",
+                      sort_keys=True)
     plot(summary, workdir / "experiment.png")
-    print("\n" + table)
+    log.info("\n" + table)
     for name in ("experiment.md", "experiment.json", "experiment.png"):
-        print(f"[experiment] {workdir / name}")
+        log.info(f"[experiment] {workdir / name}")
     return summary

@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from rpo_jax.models import base, layers
 from rpo_jax.weights import convert, io
@@ -733,7 +734,6 @@ def preprocess_images(images: Any, pp: AlignImagePreprocess | None = None) -> np
     (transformers' torchvision backend, its default when torchvision is installed, resizes with
     torchvision's kernels instead of PIL's, so its output differs slightly from this one.)
     """
-    from PIL import Image
 
     pp = pp or AlignImagePreprocess()
     out = []

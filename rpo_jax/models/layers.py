@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -123,8 +124,6 @@ def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
 
 def activation(name: str):
     """The activation function called ``name`` in a diffusers / transformers config."""
-    import jax
-
     table = {
         "silu": nn.silu,
         "swish": nn.silu,

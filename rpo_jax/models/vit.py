@@ -36,14 +36,12 @@ Every parameter carries logical axis names: the two bare tensors are ``cls_token
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image

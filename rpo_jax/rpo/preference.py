@@ -35,12 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rpo_jax.core import fsutil, images as images_lib, partitioning
+from rpo_jax.core import fsutil, images as images_lib, logs
 from rpo_jax.reward import harmonic as reward_lib
 from rpo_jax.rpo.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, REFERENCE_PROMPT
-from rpo_jax.sd.sampling import to_uint8
+from rpo_jax.sd.sampling import NOISE, sample_image_sets
 
-MANIFEST_VERSION = 1
+log = logs.get_logger(__name__)
+
+MANIFEST_VERSION = 2  # 2: negatives use the shared fixed-noise sampler (seed, prompt, image)
 NEGATIVES_DIR = "negatives"
 
 
@@ -101,17 +103,25 @@ def pair_probabilities(r_ref: jnp.ndarray, r_gen: jnp.ndarray,
     return jax.nn.sigmoid(jnp.take(r_ref, negative_prompt_index, axis=1) - r_gen[None, :])
 
 
+LABEL_MODES = ("sampled", "soft")
+
+
+def check_label_mode(mode: str, name: str = "labels.mode") -> str:
+    """``mode`` if it is one of :data:`LABEL_MODES`; else ValueError naming ``name``."""
+    if mode not in LABEL_MODES:
+        raise ValueError(f"{name} must be one of {list(LABEL_MODES)}, got {mode!r}")
+    return mode
+
+
 def draw_labels(key: jax.Array, probabilities: jnp.ndarray, mode: str = "sampled") -> jnp.ndarray:
     """Labels for pairs with preference probabilities p (any shape), float32.
 
     'sampled': ℓ ~ Bernoulli(p), fresh for every key (use ``fold_in(key, step)``);
     'soft': ℓ = p (the expected label; a lower-variance variant, not the paper's).
     """
-    if mode == "sampled":
+    if check_label_mode(mode, "label mode") == "sampled":
         return jax.random.bernoulli(key, probabilities).astype(jnp.float32)
-    if mode == "soft":
-        return jnp.asarray(probabilities, jnp.float32)
-    raise ValueError(f"label mode must be 'sampled' or 'soft', got {mode!r}")
+    return jnp.asarray(probabilities, jnp.float32)
 
 
 # ---- fingerprints ---------------------------------------------------------------------------
@@ -158,47 +168,6 @@ class NegativesSettings:
         reward_lib.check_lambda(self.lambda_train, "reward.lambda_train")
 
 
-def _sample_images(pipe, prompts: list[str], prompt_index: np.ndarray, seed: int,
-                   settings: NegativesSettings, resolution: int, mesh, progress: bool) -> np.ndarray:
-    """uint8 (N, H, W, 3): image i has noise normal(fold_in(PRNGKey(seed), i)) — batch-size free."""
-    n = len(prompt_index)
-    text = pipe.encode_prompts(prompts)
-    uncond = pipe.encode_prompts([settings.negative_prompt])
-    sampler = pipe.sampler(settings.num_inference_steps, 0.0, settings.guidance_scale > 1.0)
-    base_key = jax.random.PRNGKey(seed)
-    shape = pipe.initial_latents(base_key, 1, resolution, resolution).shape[1:]
-    per_batch = settings.batch_size
-    data_size = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
-    per_batch = max(data_size, -(-per_batch // data_size) * data_size)
-    params = pipe.unet_params
-    if mesh is not None:
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        params = jax.device_put(params, replicated)
-    out = []
-    bar = _progress(range(0, n, per_batch), progress, "negatives", unit="batch")
-    for start in bar:
-        idx = np.arange(start, min(start + per_batch, n))
-        pad = per_batch - len(idx)
-        padded = np.concatenate([idx, np.repeat(idx[-1:], pad)])
-        latents = jnp.stack([jax.random.normal(jax.random.fold_in(base_key, int(i)), shape)
-                             for i in padded])
-        cond = text[prompt_index[padded]]
-        neg = jnp.broadcast_to(uncond, cond.shape)
-        if mesh is not None:
-            latents, cond, neg = (jax.device_put(a, partitioning.batch_sharding(mesh, a.ndim))
-                                  for a in (latents, cond, neg))
-        z = sampler(params, latents, cond, neg, settings.guidance_scale)
-        out.append(to_uint8(pipe.decode_latents(z))[: len(idx)])
-    return np.concatenate(out)
-
-
-def _progress(iterable, enabled: bool, desc: str, **kw):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, **kw)
-
-
 def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir: str | os.PathLike,
                        settings: NegativesSettings, *, identity: dict | None = None, mesh=None,
                        progress: bool = True) -> dict:
@@ -235,15 +204,19 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
         files = [out_dir / r["file"] for r in old.get("references", []) + old.get("negatives", [])]
         if old.get("fingerprint") == fp and files and all(f.is_file() for f in files):
             if progress:
-                print(f"[negatives] reusing {len(old['negatives'])} negatives in {out_dir} "
+                log.info(f"[negatives] reusing {len(old['negatives'])} negatives in {out_dir} "
                       "(same settings)")
             return old
 
     t0 = time.perf_counter()
     references, _ = images_lib.load_reference_images(subject.reference_dir, size=resolution)
     prompt_index = np.repeat(np.arange(len(prompts)), settings.k)
-    negatives = _sample_images(pipe, prompts, prompt_index, settings.seed, settings, resolution,
-                               mesh, progress)
+    negatives = sample_image_sets(
+        pipe, pipe.unet_params, prompts, num_images=settings.k,
+        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+        seed=settings.seed, negative_prompt=settings.negative_prompt, resolution=resolution,
+        batch_size=settings.batch_size, mesh=mesh, progress=progress, desc="negatives")
+    negatives = negatives.reshape((-1,) + negatives.shape[2:])
     t_sample = time.perf_counter() - t0
     r_gen, r_ref = score(encoder, negatives, prompt_index, references, prompts, settings.lambda_train)
     t_score = time.perf_counter() - t0 - t_sample
@@ -259,7 +232,7 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
         "reference_prompt": subject.reference_prompt(),
         "prompts": prompts,
         "resolution": resolution,
-        "noise": "image i starts from normal(fold_in(PRNGKey(seed), i)) latents",
+        "noise": NOISE,
         "references": [{"file": f"references/{i:02d}.png", "source": str(p.absolute()),
                         "rewards": [float(r) for r in r_ref[i]]} for i, p in enumerate(ref_paths)],
         "negatives": [{"file": f"images/{p:02d}-{i % settings.k:02d}.png", "prompt": prompts[p],
@@ -277,7 +250,7 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
             Image.fromarray(image).save(tmp / rec["file"])
         for rec, image in zip(manifest["negatives"], negatives):
             Image.fromarray(image).save(tmp / rec["file"])
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        fsutil.write_json(manifest, tmp / "manifest.json")
     return manifest
 
 
@@ -335,8 +308,7 @@ def check_config(config) -> None:
     """Fail early, naming the key, on values the preference-data job cannot use."""
     reward_lib.check_lambda(config.reward.lambda_train, "reward.lambda_train")
     reward_lib.check_lambda(config.reward.lambda_val, "reward.lambda_val")
-    if config.labels.mode not in ("sampled", "soft"):
-        raise ValueError(f"labels.mode must be 'sampled' or 'soft', got {config.labels.mode!r}")
+    check_label_mode(config.labels.mode, "labels.mode")
     if config.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
     if not config.subject.class_noun.strip():
@@ -350,17 +322,6 @@ def negatives_settings(config) -> NegativesSettings:
                              guidance_scale=n.guidance_scale, negative_prompt=n.negative_prompt,
                              lambda_train=config.reward.lambda_train, resolution=config.resolution,
                              batch_size=n.batch_size)
-
-
-def resolve_paths(config, workdir: str | os.PathLike) -> tuple[Path, Path, Path]:
-    """(pretrained pipeline, reward model, reference photos) folders of a config; ``tiny:NAME``
-    entries are made once under ``workdir/assets``. Errors name the config key."""
-    from rpo_jax.testing import tiny
-
-    assets = Path(workdir).absolute() / "assets"
-    return (tiny.resolve_path(config.pretrained, assets, "pretrained"),
-            tiny.resolve_path(config.reward_model, assets, "reward_model"),
-            tiny.resolve_path(config.subject.reference_dir, assets, "subject.reference_dir"))
 
 
 def subject_from_config(config, reference_dir: Path) -> Subject:
@@ -377,29 +338,3 @@ def subject_from_config(config, reference_dir: Path) -> Subject:
                 raise ValueError(f"config key {key!r}: template {t!r} may only use {{identifier}} "
                                  f"and {{cls}} ({e})") from e
     return subject
-
-
-def prepare_preference_data(config, workdir: str | os.PathLike, progress: bool = True, *,
-                            pipe=None, encoder: DualEncoderLike | None = None) -> dict:
-    """The `rpo-jax negatives` job: resolve models and photos, sample, score, write the manifest.
-
-    ``pipe`` / ``encoder``: the config's base pipeline and reward model when the caller has
-    already loaded them (training does), so they are not read twice.
-    """
-    from rpo_jax.reward import encoders
-    from rpo_jax.sd.pipeline import load_pipeline
-
-    check_config(config)
-    workdir = Path(workdir).absolute()
-    pretrained, reward_dir, reference_dir = resolve_paths(config, workdir)
-    subject = subject_from_config(config, reference_dir)
-    mesh = partitioning.make_mesh(tuple(config.mesh))
-    if pipe is None:
-        pipe = load_pipeline(pretrained, dtype=jnp.dtype(config.dtype),
-                             attention_impl=config.attention_impl)
-    if encoder is None:
-        encoder = encoders.load_dual_encoder(reward_dir)
-    identity = {"pretrained": [str(pretrained), folder_fingerprint(pretrained)],
-                "reward_model": [str(reward_dir), folder_fingerprint(reward_dir)]}
-    return generate_negatives(pipe, encoder, subject, workdir, negatives_settings(config),
-                              identity=identity, mesh=mesh, progress=progress)

@@ -1,6 +1,8 @@
-"""RPO training: ``train_and_evaluate(config, workdir)``, straight-line, in phases.
+"""RPO training: ``train(config, workdir, pipe=..., encoder=..., data=..., mesh=...)``,
+straight-line, in phases. The job (:mod:`rpo_jax.jobs.job`) has already checked the workdir's
+config, loaded the pipeline and the reward model once and made the preference data (phase 1,
+:func:`rpo_jax.rpo.preference.generate_negatives`); this module runs the rest:
 
-1. preference data (negatives, rewards) — :func:`rpo_jax.rpo.preference.prepare_preference_data`;
 2. caches: VAE posterior (mean, std) of every reference and negative, text embeddings of the
    reference prompt and the 8 training prompts, every pair's preference probability;
 3. mesh, shardings, train state (params born sharded, AdamW + global-norm clip), a frozen copy
@@ -37,16 +39,21 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
-from rpo_jax.core import config as config_lib, images as images_lib, partitioning
-from rpo_jax.rpo import objective
-from rpo_jax.rpo import preference
-from rpo_jax.reward import harmonic as reward_lib
+from rpo_jax.core import fsutil, images as images_lib, logs, partitioning
 from rpo_jax.models import base, unet as unet_lib, vae as vae_lib
+from rpo_jax.reward import harmonic as reward_lib
+from rpo_jax.rpo import objective, preference
+from rpo_jax.sd.sampling import sample_image_sets
+
+log = logs.get_logger(__name__)
 
 # Config keys that may change between runs in the same workdir (everything else must match).
 RESUMABLE_CHANGES = ("train.max_steps", "eval.early_stop_patience", "train.checkpoint_every",
                      "train.log_every")
+SUMMARY_FILE = "summary.json"
 
 
 @flax.struct.dataclass
@@ -119,13 +126,15 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any, param_sharding
     return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys (dotted) whose values differ between two JSON configs, except
+    :data:`RESUMABLE_CHANGES`."""
     keys = []
     for k in sorted(set(old) | set(new)):
         path = f"{prefix}{k}"
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_diff(a, b, path + ".")
+            keys += config_diff(a, b, path + ".")
         elif a != b and path not in RESUMABLE_CHANGES:
             keys.append(path)
     return keys
@@ -226,38 +235,34 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
 # ---- validation -------------------------------------------------------------------------------
 
 class Validator:
-    """Model selection (rpo-spec §4): ``num_images`` samples per training prompt with the current
-    UNet (DDIM + CFG, fixed noise so evaluations are comparable), scored with r_{λ_val} against
-    the references on identifier-stripped prompts; mean over images, then over prompts. The same
-    samples are also scored at every λ of ``eval.lambda_sweep`` (the paper's λ_val ablation
-    changes only this selection, so one training run serves every λ)."""
+    """Model selection: ``eval.num_images`` samples per training prompt with the current UNet
+    (:func:`rpo_jax.sd.sampling.sample_image_sets`: DDIM + CFG from the same fixed noise at every
+    validation, in chunks of ``negatives.batch_size`` sharded over the mesh), scored with
+    r_{λ_val} against the references on identifier-stripped prompts; mean over images, then over
+    prompts. The same samples are also scored at every λ of ``eval.lambda_sweep`` (the paper's
+    λ_val ablation changes only this selection, so one training run serves every λ)."""
 
-    def __init__(self, config, pipe, encoder, data: preference.PreferenceData):
+    def __init__(self, config, pipe, encoder, data: preference.PreferenceData, mesh=None):
         e = config.eval
-        self.pipe, self.encoder = pipe, encoder
+        self.pipe, self.encoder, self.mesh = pipe, encoder, mesh
         self.prompts = list(data.prompts)
         self.lam = reward_lib.check_lambda(config.reward.lambda_val, "reward.lambda_val")
         self.sweep = lambda_sweep(config)
         self.n = e.num_images
-        self.guidance_scale = e.guidance_scale
-        self.sampler = pipe.sampler(e.num_inference_steps, 0.0, e.guidance_scale > 1.0)
-        prompts = [p for p in self.prompts for _ in range(self.n)]
-        self.cond = pipe.encode_prompts(prompts)
-        self.uncond = pipe.encode_prompts([config.negatives.negative_prompt] * len(prompts))
-        key = jax.random.PRNGKey(e.seed)
-        shape = pipe.initial_latents(key, 1, data.references.shape[1], data.references.shape[2]).shape[1:]
-        self.latents = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), shape)
-                                  for i in range(len(prompts))])
+        self.sampling = dict(num_images=e.num_images, num_inference_steps=e.num_inference_steps,
+                             guidance_scale=e.guidance_scale, seed=e.seed,
+                             negative_prompt=config.negatives.negative_prompt,
+                             resolution=data.references.shape[1],
+                             batch_size=config.negatives.batch_size)
         self.ref_embeds = encoder.embed_images(data.references)
-        self.text_embeds = encoder.embed_texts([reward_lib.strip_identifier(p) for p in prompts])
+        self.text_embeds = encoder.embed_texts([reward_lib.strip_identifier(p)
+                                                for p in self.prompts for _ in range(self.n)])
 
     def __call__(self, params) -> tuple[float, list[float], np.ndarray, dict[float, float]]:
         """(mean r_{λ_val}, its per-prompt means, uint8 images (P·n, H, W, 3), {λ: mean r_λ} for
         the sweep's λ)."""
-        from rpo_jax.sd.sampling import to_uint8
-
-        z = self.sampler(params, self.latents, self.cond, self.uncond, self.guidance_scale)
-        images = to_uint8(self.pipe.decode_latents(z))
+        images = sample_image_sets(self.pipe, params, self.prompts, mesh=self.mesh, **self.sampling)
+        images = images.reshape((-1,) + images.shape[2:])
         embeds = self.encoder.embed_images(images)
         s_img = reward_lib.image_similarity(embeds, self.ref_embeds)
         s_txt = reward_lib.text_similarity(embeds, self.text_embeds)
@@ -277,44 +282,48 @@ def lambda_sweep(config) -> tuple[float, ...]:
 
 # ---- logging ----------------------------------------------------------------------------------
 
+def _record_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a blank or cut-off line (a killed write)."""
+    try:
+        return int(json.loads(line).get("step", 0)) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) + TensorBoard scalars and images."""
 
     def __init__(self, workdir: Path, resume_step: int):
         self.path = workdir / "metrics.jsonl"
+        self.primary = logs.is_primary()  # only process 0 writes metrics
+        if not self.primary:
+            return
         if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
             keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        try:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:  # TensorBoard is optional
-            self.tb = None
+                    if _record_step(line) is not None and _record_step(line) <= resume_step]
+            with fsutil.atomic_file(self.path) as f:
+                f.write("".join(line + "\n" for line in keep))
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, values: dict, prefix: str = "train") -> None:
-        record = {"step": int(step), "kind": prefix, **{k: _py(v) for k, v in values.items()}}
+        if not self.primary:
+            return
+        record = fsutil.jsonable({"step": int(step), "kind": prefix, **values})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0:
-                    self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+        for k, v in values.items():
+            if isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0:
+                self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
 
-    def image(self, step: int, tag: str, grid: np.ndarray) -> None:
-        if self.tb is not None:
-            self.tb.add_image(tag, grid, step, dataformats="HWC")
+    def image(self, step: int, tag: str, grid_path: Path) -> None:
+        """The PNG at ``grid_path`` (written by process 0) as a TensorBoard image."""
+        if self.primary:
+            self.tb.add_image(tag, np.asarray(images_lib.load_image(grid_path)), step,
+                              dataformats="HWC")
 
     def close(self) -> None:
-        if self.tb is not None:
+        if self.primary:
             self.tb.close()
-
-
-def _py(v):
-    if isinstance(v, (list, tuple)):
-        return [_py(x) for x in v]
-    v = np.asarray(v)
-    return v.item() if v.ndim == 0 else v.tolist()
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -358,50 +367,45 @@ def load_best_params(workdir: str | os.PathLike, abstract_params: Any,
 
 # ---- the job --------------------------------------------------------------------------------------
 
-def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
-    """Run (or resume) RPO for ``config`` in ``workdir``; returns the summary dict."""
-    from rpo_jax.reward import encoders
-    from rpo_jax.sd.pipeline import load_pipeline
-    from rpo_jax.weights import io
+def finished_summary(config, workdir: str | os.PathLike) -> dict | None:
+    """The summary.json of a run in ``workdir`` that has trained ``train.max_steps`` steps, else
+    None (nothing to do or resume: ``train`` would return it unchanged)."""
+    workdir = Path(workdir).absolute()
+    path = workdir / SUMMARY_FILE
+    if not path.is_file() or not (workdir / "checkpoints").is_dir():
+        return None
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    if not steps or max(steps) < config.train.max_steps:
+        return None
+    return json.loads(path.read_text())
 
+
+def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference.PreferenceData,
+          mesh: jax.sharding.Mesh, progress: bool = True) -> dict:
+    """Run (or resume) RPO in ``workdir`` from preference ``data``; returns the summary dict.
+
+    ``pipe``: the base pipeline (its UNet params are the start and, copied, the frozen
+    reference; they are not modified); ``encoder``: the reward model (validation); ``mesh``:
+    the device mesh of params and batches.
+    """
     t_start = time.perf_counter()
     check_config(config)
-    partitioning.rules_from_config(config.logical_axis_rules)  # fail early on bad rules
     workdir = Path(workdir).absolute()
-    config_json = config_lib.to_json_dict(config)
-    pretrained, reward_dir, _ = preference.resolve_paths(config, workdir)
-    if (workdir / "config.json").is_file():
-        diff = _config_diff(json.loads((workdir / "config.json").read_text()), config_json)
-        if diff:
-            raise ValueError(f"{workdir} holds a run with a different config (keys {diff}); "
-                             "resume with the same config or use a new --workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
-    io.write_json(config_json, workdir / "config.json")
     ckpt, best_ckpt = _managers(workdir)
-    if (ckpt.latest_step() or 0) >= config.train.max_steps and (workdir / "summary.json").is_file():
-        summary = json.loads((workdir / "summary.json").read_text())
-        print(f"[train] {workdir} already finished at step {ckpt.latest_step()} (best validation "
-              f"reward {summary['best_reward']} at step {summary['best_step']}); raise "
-              "--config.train.max_steps to train further")
-        return summary
+    finished = finished_summary(config, workdir)
+    if finished is not None:  # nothing to train: the summary stays as the run wrote it
+        return finished
 
-    # 1-2. preference data and caches (remat changes the backward pass only, so the same
-    # pipeline samples the negatives)
+    # 2. caches (remat changes the backward pass only, so the same pipeline sampled the negatives)
     t = config.train
-    pipe = load_pipeline(pretrained, dtype=jnp.dtype(config.dtype),
-                         attention_impl=config.attention_impl, remat=t.remat)
-    encoder = encoders.load_dual_encoder(reward_dir)
-    preference.prepare_preference_data(config, workdir, progress=progress, pipe=pipe, encoder=encoder)
-    data = preference.PreferenceData.load(workdir)
     cache = build_cache(pipe, data)
 
-    # 3. mesh, shardings, state
-    mesh = partitioning.make_mesh(tuple(config.mesh))
+    # 3. shardings, state (the trained params are a copy: the pipeline's stay the base model's)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config))
     rules = partitioning.rules_from_config(config.logical_axis_rules)
     param_shardings = partitioning.param_shardings(abstract, mesh, rules)
-    params = jax.device_put(pipe.unet_params, param_shardings)
+    params = jax.device_put(pipe.unet_params, param_shardings, may_alias=False)
     ref_dtype = jnp.dtype(t.ref_params_dtype)
     ref_params = jax.device_put(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), pipe.unet_params),
                                 param_shardings)
@@ -422,7 +426,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         state, meta = restored.state, restored.meta
         meta.setdefault("sweep", {})
-        print(f"[train] resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
+        log.info(f"[train] resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
     start_step = int(state.step)
 
     # 4. the compiled step
@@ -447,12 +451,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops_per_step = float((cost or {}).get("flops", 0.0))
-    print(f"[train] step compiled in {compile_seconds:.1f}s ({flops_per_step / 1e9:.2f} GFLOP/step "
+    log.info(f"[train] step compiled in {compile_seconds:.1f}s ({flops_per_step / 1e9:.2f} GFLOP/step "
           f"per device by XLA's count); {data.num_pairs} pairs, {per_step} per step; mesh {dict(mesh.shape)}")
 
     # 5-7. loop with validation and checkpoints
-    log = MetricsLog(workdir, start_step)
-    validator = Validator(config, pipe, encoder, data)
+    metrics_log = MetricsLog(workdir, start_step)
+    validator = Validator(config, pipe, encoder, data, mesh)
     sweep_ckpt = {lam: _best_manager(workdir, lam) for lam in validator.sweep}
     (workdir / "samples").mkdir(exist_ok=True)
     stop = {"signal": None}
@@ -463,11 +467,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         mean, per_prompt, images, sweep = validator(state.params)
         grid_path = workdir / "samples" / f"step_{step:06d}.png"
         images_lib.save_grid(images, grid_path, rows=len(validator.prompts), labels=validator.prompts)
-        log.image(step, "val/samples", np.asarray(images_lib.load_image(grid_path)))
+        metrics_log.image(step, "val/samples", grid_path)
         by_lambda = {f"reward@{lam:g}": r for lam, r in sweep.items()}
         record = {"reward": mean, "per_prompt": per_prompt, **by_lambda,
                   "seconds": time.perf_counter() - t_eval}
-        log.write(step, record, "val")
+        metrics_log.write(step, record, "val")
         meta["evals"].append({"step": step, "reward": mean, **by_lambda})
 
         def keep_best(manager, lam: float, reward: float) -> None:
@@ -487,7 +491,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                 best.update(best_reward=reward, best_step=step)
                 keep_best(sweep_ckpt[lam], lam, reward)
         if progress:
-            print(f"[eval] step {step}: validation reward r_λ={validator.lam} {mean:.4f} "
+            log.info(f"[eval] step {step}: validation reward r_λ={validator.lam} {mean:.4f} "
                   f"(best {meta['best_reward']:.4f} at step {meta['best_step']})"
                   if meta["best_reward"] is not None else f"[eval] step {step}: base model {mean:.4f}")
 
@@ -502,8 +506,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
 
     if start_step == 0 and not meta["evals"]:
         evaluate(0)  # the base model's validation reward: the baseline of model selection
-    from tqdm.auto import tqdm
-    bar = tqdm(total=t.max_steps, initial=start_step, desc="rpo", unit="step", disable=not progress)
+    bar = tqdm(total=t.max_steps, initial=start_step, desc="rpo", unit="step",
+               disable=not (progress and logs.is_primary()))
     step_times: list[float] = []
     step = start_step
     # Steps are dispatched asynchronously: time the steps between two log points (where the host
@@ -520,7 +524,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                 dt = (time.perf_counter() - clock["t"]) / clock["steps"]
                 clock.update(t=time.perf_counter(), steps=0)
                 step_times.append(dt)
-                log.write(step, {**metrics, "step_seconds": dt,
+                metrics_log.write(step, {**metrics, "step_seconds": dt,
                                  "images_per_second": 2 * per_step / dt})
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
             bar.update(1)
@@ -529,7 +533,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                 save(step)
                 patience = config.eval.early_stop_patience
                 if patience and meta["evals_since_best"] >= patience:
-                    print(f"[train] early stop at step {step}: no better validation reward in "
+                    log.info(f"[train] early stop at step {step}: no better validation reward in "
                           f"{patience} evaluations")
                     break
             elif step % t.checkpoint_every == 0:
@@ -540,13 +544,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
             clock.update(t=time.perf_counter(), steps=0)
         if stop["signal"] is not None:
             save(step)
-            print(f"[train] SIGTERM: saved step {step} to {workdir / 'checkpoints'}; re-run the same "
+            log.info(f"[train] SIGTERM: saved step {step} to {workdir / 'checkpoints'}; re-run the same "
                   "command to resume")
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         ckpt.wait_until_finished()
-        log.close()
+        metrics_log.close()
 
     median_step = float(np.median(step_times[1:] or step_times)) if step_times else float("nan")
     summary = {
@@ -561,9 +565,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         "tflops_per_device": flops_per_step / median_step / 1e12 if step_times else None,
         "devices": jax.device_count(), "mesh": dict(mesh.shape),
     }
-    io.write_json(summary, workdir / "summary.json")
+    fsutil.write_json(summary, workdir / SUMMARY_FILE)
     if progress:
-        print(f"[train] done: best validation reward {summary['best_reward']} at step "
+        log.info(f"[train] done: best validation reward {summary['best_reward']} at step "
               f"{summary['best_step']}; {summary['wall_seconds']}s wall, median step "
               f"{median_step * 1e3:.0f} ms, {summary['images_per_second'] or 0:.1f} images/s, "
               f"{(summary['tflops_per_device'] or 0):.4f} TFLOP/s per device; outputs in {workdir}")

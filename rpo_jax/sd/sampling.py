@@ -1,4 +1,6 @@
-"""DDIM sampling with classifier-free guidance as one jitted ``lax.scan`` over steps.
+"""DDIM sampling with classifier-free guidance as one jitted ``lax.scan`` over steps, and the one
+sampler of fixed-noise image sets (:func:`sample_image_sets`) that negatives, validation and
+held-out evaluation all use.
 
 Produces the same latents as diffusers' ``StableDiffusionPipeline`` with a ``DDIMScheduler``
 given the same initial latents (channels-last here: permute diffusers' (B, C, h, w) latents with
@@ -8,13 +10,16 @@ halves run as one batch [uncond; cond] and ``ε = ε_u + g·(ε_c − ε_u)``; g
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from rpo_jax.core import logs, partitioning
 from rpo_jax.sd.schedulers import NoiseSchedule, ddim_step
 
 
@@ -98,3 +103,87 @@ def to_uint8(images: jnp.ndarray | np.ndarray) -> np.ndarray:
     """VAE output in [-1, 1], (B, H, W, 3) → uint8 (B, H, W, 3) as diffusers' postprocessing."""
     images = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
     return (images * 255).round().astype(np.uint8)
+
+
+# ---- fixed-noise image sets -------------------------------------------------------------------
+
+NOISE = "image j of prompt i starts from normal(fold_in(fold_in(PRNGKey(seed), i), j))"
+
+
+def initial_noise(seed: int, prompt_index: np.ndarray, image_index: np.ndarray,
+                  shape: tuple[int, ...]) -> jnp.ndarray:
+    """(B,) prompt and image numbers → (B, *shape) float32 noise, each a function of
+    (seed, prompt, image) only: ``normal(fold_in(fold_in(PRNGKey(seed), i), j), shape)``."""
+    return _noise_fn(tuple(shape))(jax.random.PRNGKey(seed), jnp.asarray(prompt_index, jnp.int32),
+                                   jnp.asarray(image_index, jnp.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _noise_fn(shape: tuple[int, ...]):
+    """A jitted (key, (B,) i, (B,) j) → (B, *shape) noise function (one per latent shape)."""
+    one = lambda key, i, j: jax.random.normal(
+        jax.random.fold_in(jax.random.fold_in(key, i), j), shape, jnp.float32)
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+
+
+def _on_mesh(params: Any, mesh) -> Any:
+    """``params`` with every leaf on ``mesh``: leaves already sharded over it (a training
+    state's) stay as they are, others are replicated over it."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+    return jax.tree.map(place, params)
+
+
+def sample_image_sets(pipe, unet_params: Any, prompts: Sequence[str], *, num_images: int,
+                      num_inference_steps: int, guidance_scale: float, seed: int,
+                      negative_prompt: str = "", resolution: int | None = None,
+                      batch_size: int = 8, mesh=None, progress: bool = False,
+                      desc: str = "images") -> np.ndarray:
+    """DDIM(+CFG) samples of ``pipe`` with UNet ``unet_params`` for ``prompts``: uint8
+    (P, num_images, H, W, 3), H = W = ``resolution`` (default: the pipeline's).
+
+    Image j of prompt i starts from :func:`initial_noise` (seed, i, j), so two models get the
+    same noise, and the result depends neither on ``batch_size`` nor on the mesh. The P·n images
+    are sampled in chunks of one fixed size (the last padded), so one compiled program serves
+    every chunk; with ``mesh`` the chunks are sharded over its 'data' and 'fsdp' axes (the size
+    rounded up to a multiple of their device count) and params not yet on the mesh are
+    replicated over it.
+
+    ``pipe``: a :class:`rpo_jax.sd.pipeline.StableDiffusion` (its text encoder, sampler, VAE).
+    """
+    prompts = list(prompts)
+    if not prompts or num_images < 1 or batch_size < 1:
+        raise ValueError(f"need prompts, num_images >= 1 and batch_size >= 1; got "
+                         f"{len(prompts)} prompts, num_images={num_images}, batch_size={batch_size}")
+    resolution = resolution or pipe.default_resolution
+    shape = pipe.initial_latents(jax.random.PRNGKey(0), 1, resolution, resolution).shape[1:]
+    prompt_index = np.repeat(np.arange(len(prompts)), num_images)
+    image_index = np.tile(np.arange(num_images), len(prompts))
+    total = len(prompt_index)
+    data_size = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    chunk = -(-min(batch_size, total) // data_size) * data_size
+
+    cond_all = pipe.encode_prompts(prompts)
+    uncond = pipe.encode_prompts([negative_prompt])
+    sampler = pipe.sampler(num_inference_steps, 0.0, guidance_scale > 1.0)
+    if mesh is not None:
+        place = lambda a: jax.device_put(a, partitioning.batch_sharding(mesh, a.ndim))
+        unet_params = _on_mesh(unet_params, mesh)
+    else:
+        place = lambda a: a
+    out = []
+    for start in tqdm(range(0, total, chunk), desc=desc, unit="batch",
+                      disable=not (progress and logs.is_primary())):
+        idx = np.arange(start, min(start + chunk, total))
+        padded = np.concatenate([idx, np.repeat(idx[-1:], chunk - len(idx))])
+        latents = initial_noise(seed, prompt_index[padded], image_index[padded], shape)
+        cond = cond_all[prompt_index[padded]]
+        neg = jnp.broadcast_to(uncond, cond.shape)
+        z = sampler(unet_params, place(latents), place(cond), place(neg), guidance_scale)
+        out.append(to_uint8(pipe.decode_latents(z))[: len(idx)])
+    images = np.concatenate(out)
+    return images.reshape((len(prompts), num_images) + images.shape[1:])

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from rpo_jax.testing import architectures
 from rpo_jax.models import base, clip_text, unet as unet_lib, vae as vae_lib
@@ -165,7 +166,6 @@ def make_tiny_subject(out_dir: str | os.PathLike, *, n: int = 4, size: int = 64,
 
     The photos are JPEGs with an EXIF orientation tag on one of them, like phone photos.
     """
-    from PIL import Image, ImageDraw
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,49 +190,3 @@ def make_tiny_subject(out_dir: str | os.PathLike, *, n: int = 4, size: int = 64,
         else:
             image.save(path, quality=95)
     return out
-
-
-def _tiny_makers() -> dict:
-    # Reward-model factories are added by rpo_jax.testing.tiny_encoders (ALIGN / CLIP need their modules).
-    from rpo_jax.testing import tiny_encoders
-
-    return {
-        "tiny:sd21": lambda out: make_tiny_pipeline(out, flavour="sd21"),
-        "tiny:sd15": lambda out: make_tiny_pipeline(out, flavour="sd15"),
-        "tiny:subject": make_tiny_subject,
-        "tiny:align": tiny_encoders.make_tiny_align,
-        "tiny:clip": tiny_encoders.make_tiny_clip,
-        "tiny:dino": tiny_encoders.make_tiny_dino,
-    }
-
-
-def resolve_path(spec: str, assets_dir: str | os.PathLike, key: str) -> Path:
-    """A config path field → an existing folder.
-
-    ``tiny:NAME`` (``tiny:sd21``, ``tiny:sd15``, ``tiny:align``, ``tiny:clip``, ``tiny:dino``,
-    ``tiny:subject``)
-    makes a random tiny model (or the synthetic subject's photos) once under ``assets_dir`` and
-    returns it; ``toy:NAME`` is a trained toy-world model shipped with the package (see
-    :mod:`rpo_jax.toy`); anything else must be an existing folder. Errors name the config ``key``.
-    """
-    if not spec:
-        raise ValueError(f"config key {key!r} is empty; give a folder or a tiny:NAME")
-    if spec.startswith("toy:"):
-        from rpo_jax import toy
-        return toy.resolve(spec, key)
-    if spec.startswith("tiny:"):
-        makers = _tiny_makers()
-        if spec not in makers:
-            raise ValueError(f"config key {key!r}: unknown {spec!r}; known: {sorted(makers)}")
-        out = Path(assets_dir).absolute() / spec.replace(":", "-")
-        if not (out / ".complete").is_file():
-            if out.exists():
-                import shutil
-                shutil.rmtree(out)
-            makers[spec](out)
-            (out / ".complete").touch()
-        return out
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"config key {key!r}: folder {path} does not exist")
-    return path.absolute()

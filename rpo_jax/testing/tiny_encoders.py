@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from rpo_jax.rpo import prompts
 from rpo_jax.models import align, base, clip, efficientnet, vit
+from rpo_jax.reward.wordpiece import BertTokenizer, build_vocab, write_vocab
 from rpo_jax.sd.tokenizer import CLIPTokenizer
 from rpo_jax.weights import io
 
@@ -67,7 +68,6 @@ def _vision_width(cfg: dict) -> int:
 def write_wordpiece_tokenizer(texts: list[str], out: Path) -> int:
     """Write a BERT WordPiece tokenizer whose vocabulary covers ``texts`` (64 tokens long) into
     ``out`` (created); returns the vocabulary size."""
-    from rpo_jax.reward.wordpiece import BertTokenizer, build_vocab, write_vocab
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_vocab(texts)

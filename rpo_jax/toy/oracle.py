@@ -21,6 +21,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image, ImageFilter
 
 from rpo_jax.models import layers
 from rpo_jax.toy import world
@@ -56,7 +57,6 @@ def to_input(images: np.ndarray) -> jnp.ndarray:
     """uint8 (N, H, W, 3) → float32 in [-1, 1]; other sizes are box-resized to 32 px."""
     images = np.asarray(images)
     if images.shape[1:3] != (world.IMAGE_SIZE, world.IMAGE_SIZE):
-        from PIL import Image
         images = np.stack([np.asarray(Image.fromarray(im).resize(
             (world.IMAGE_SIZE, world.IMAGE_SIZE), Image.Resampling.BOX)) for im in images])
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
@@ -106,7 +106,6 @@ def degrade(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     judge rejected 95-98% of two fine-tuned models' rings on the held-out prompts although they
     plainly show a cyan-outside, magenta-inside ring (the diffusion model's blotches, not blur, were
     what it had never seen); with these it accepts 6-20% of them and still none of the base model's."""
-    from PIL import Image, ImageFilter
 
     out = []
     for im in images:

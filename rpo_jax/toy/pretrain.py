@@ -35,14 +35,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rpo_jax.core import fsutil
+from tqdm.auto import tqdm
+
+from rpo_jax.core import fsutil, images as images_lib, logs
 from rpo_jax.sd import schedulers
 from rpo_jax.testing import tiny, tiny_encoders
-from rpo_jax.models import align, base, clip, clip_text, efficientnet, unet as unet_lib, vae as vae_lib
+from rpo_jax.models import align, clip, clip_text, efficientnet, unet as unet_lib, vae as vae_lib
 from rpo_jax.sd.schedulers import NoiseSchedule
+from rpo_jax.reward.wordpiece import BertTokenizer
+from rpo_jax.sd.pipeline import load_pipeline
 from rpo_jax.sd.tokenizer import CLIPTokenizer
 from rpo_jax.toy import oracle as oracle_lib, subject as subject_lib, world
 from rpo_jax.weights import io
+
+log = logs.get_logger(__name__)
 
 STAGES = ("oracle", "clip", "align", "pipeline", "subject", "gate")
 LATENT_SIZE = world.IMAGE_SIZE // 2
@@ -83,7 +89,6 @@ def fit(loss_fn: Callable, params: Any, batches: Iterator, steps: int, *, lr: fl
     ``ema_decay`` > 0 the returned params are the exponential moving average. Returns (params,
     history of (step, metrics) every 50 steps).
     """
-    from tqdm.auto import tqdm
 
     labels = jax.tree_util.tree_map_with_path(lambda p, _: "frozen" if frozen(p) else "train", params)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(200, steps // 10)), steps, lr * 0.1)
@@ -292,7 +297,6 @@ def _align_vocab_texts() -> list[str]:
 
 
 def train_align(out: Path, budget: Budget, seed: int, progress: bool) -> dict:
-    from rpo_jax.reward.wordpiece import BertTokenizer
 
     cfg = align_config(tiny_encoders.write_wordpiece_tokenizer(_align_vocab_texts(), out))
     tokenizer = BertTokenizer.from_pretrained(out)
@@ -410,7 +414,6 @@ def _caption_table(tokenizer: CLIPTokenizer) -> tuple[list[str], dict[str, int]]
 def train_unet(vae_module, vae_params, vae_cfg: dict, text_module, text_params, tokenizer,
                schedule: NoiseSchedule, budget: Budget, seed: int, progress: bool) -> tuple[Any, dict, dict]:
     """Train the UNet on cached VAE latents of ``budget.unet_dataset`` world renders."""
-    from tqdm.auto import tqdm
 
     text_dim = text_module.config.hidden_size
     cfg = unet_config(text_dim)
@@ -475,7 +478,7 @@ def build_pipeline(out: Path, clip_dir: Path, budget: Budget, seed: int, progres
     schedule = NoiseSchedule.from_dict(tiny.scheduler_config("sd21"))
     unet_params, ucfg, unet_report = train_unet(vae_module, vae_params, vcfg, text_module, text_params,
                                                 tokenizer, schedule, budget, seed, progress)
-    with fsutil.atomic_dir(out, overwrite=True) as tmp:  # float16 on disk: see store_half
+    with fsutil.atomic_dir(out, overwrite=True) as tmp:  # on disk: see store_half, KEEP_FLOAT32
         unet_lib.save_unet(unet_params, ucfg, tmp / "unet")
         vae_lib.save_vae(vae_params, vcfg, tmp / "vae")
         clip_text.save_clip_text(text_params, text_cfg, tmp / "text_encoder")
@@ -495,7 +498,6 @@ def quality_gate(pipeline_dir: Path, oracle_dir: Path, *, images_per_prompt: int
 
     Returns per-attribute oracle accuracy (chance: colour 1/6, shape 1/5, scene 1/9) and n.
     """
-    from rpo_jax.sd.pipeline import load_pipeline
 
     pipe = load_pipeline(pipeline_dir)
     judges = oracle_lib.load(oracle_dir)
@@ -513,10 +515,20 @@ def quality_gate(pipeline_dir: Path, oracle_dir: Path, *, images_per_prompt: int
             "images": images}
 
 
-def store_half(folder: Path) -> None:
+# Stored float32, not float16: transformers 5 loads a checkpoint in its stored dtype, so a float16
+# text encoder breaks diffusers' default (float32 UNet/VAE) pipeline call, and a float16 ALIGN
+# model its float32 processor pixels. (The pipeline's text encoder holds the CLIP text tower's
+# float16 values, so float32 there changes no number.) CLIP runs in float16 and stays so.
+KEEP_FLOAT32 = {"pipeline": ("text_encoder",), "align": (".",)}
+
+
+def store_half(folder: Path, keep: tuple[str, ...] = ()) -> None:
     """Rewrite every float32 tensor of the safetensors files under ``folder`` as float16 (what
-    ships: half the bytes; loaders cast back to float32)."""
+    ships: half the bytes; loaders cast back to float32), except in the subfolders ``keep``
+    ("." for ``folder`` itself)."""
     for path in sorted(Path(folder).rglob("*.safetensors")):
+        if path.parent.relative_to(folder).as_posix() in keep:
+            continue
         state, _ = io.load_state_dict(path.parent, (path.name[: -len(".safetensors")],))
         io.save_state_dict({k: v.astype(np.float16) if v.dtype == np.float32 else v
                             for k, v in state.items()}, path)
@@ -539,21 +551,21 @@ def pretrain(out_dir, *, scale: float = 1.0, seed: int = 0, progress: bool = Tru
             return
         target = out / name
         if (target / ".complete").is_file():
-            print(f"[pretrain] {name}: done earlier, kept ({target})")
+            log.info(f"[pretrain] {name}: done earlier, kept ({target})")
             return
         t0 = time.perf_counter()
         if name == "pipeline":  # writes its own folder atomically
             result = fn(target)
-            store_half(target)
+            store_half(target, KEEP_FLOAT32.get(name, ()))
         else:
             with fsutil.atomic_dir(target, overwrite=True) as tmp:
                 result = fn(tmp)
-                store_half(tmp)
+                store_half(tmp, KEEP_FLOAT32.get(name, ()))
         (target / ".complete").touch()
         result["seconds"] = round(time.perf_counter() - t0, 1)
         report[name] = result
         io.write_json(report, report_path)
-        print(f"[pretrain] {name}: {result['seconds']}s → {target}")
+        log.info(f"[pretrain] {name}: {result['seconds']}s → {target}")
 
     stage("oracle", lambda d: train_oracle(d, budget, seed, progress))
     stage("clip", lambda d: train_clip(d, budget, seed, progress))
@@ -564,12 +576,11 @@ def pretrain(out_dir, *, scale: float = 1.0, seed: int = 0, progress: bool = Tru
         t0 = time.perf_counter()
         gate = quality_gate(out / "pipeline", out / "oracle",
                             images_per_prompt=budget.gate_images_per_prompt, seed=seed)
-        from rpo_jax.core import images as images_lib
         images_lib.save_grid(gate.pop("images"), out / "gate.png", rows=len(world.HELD_OUT))
         gate["seconds"] = round(time.perf_counter() - t0, 1)
         report["gate"] = gate
         io.write_json(report, report_path)
-        print(f"[pretrain] quality gate on {gate['prompts']} held-out prompts × "
+        log.info(f"[pretrain] quality gate on {gate['prompts']} held-out prompts × "
               f"{budget.gate_images_per_prompt}: " + ", ".join(
                   f"{k} {v:.2f}" for k, v in gate["accuracy"].items()))
     return report

@@ -68,7 +68,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     try:
-        import torch
+        import torch  # only for .bin checkpoints: torch is an optional (test) dependency
     except ImportError as e:
         raise WeightsError(
             f"{path} is a PyTorch pickle (.bin); reading it needs torch, which is not installed. "
@@ -122,7 +122,5 @@ def save_state_dict(state_dict: dict[str, np.ndarray], path: str | os.PathLike) 
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> None:
-    """Write ``obj`` as indented, key-sorted JSON, atomically (``fsutil.atomic_file``)."""
-    with fsutil.atomic_file(path) as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """Write ``obj`` as indented, key-sorted JSON (as diffusers / transformers do), atomically."""
+    fsutil.write_json(obj, path, sort_keys=True)
