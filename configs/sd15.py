@@ -10,15 +10,10 @@ Command:
       --workdir runs/backpack-sd15
 Expected: not measured (no SD 1.5 weights here); the paper reports SD 2.1 only.
 """
-import importlib.util
-import pathlib
+import dreambench_sd21
 
 
 def get_config(arg=None):
-    path = pathlib.Path(__file__).with_name("dreambench_sd21.py")
-    spec = importlib.util.spec_from_file_location("dreambench_sd21", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config(arg)
+    c = dreambench_sd21.get_config(arg)
     c.pretrained = "stable-diffusion-v1-5"      # diffusers folder of runwayml/stable-diffusion-v1-5
     return c

@@ -22,7 +22,7 @@ scene accuracy 0.94 → 0.84. Seeds 1 and 2 (`:seed=N`): CLIP-I +0.08 each, subj
 
 Arguments (`configs/toy.py:KEY=VALUE,...`): lambda_val (0.5), seed (0).
 """
-import ml_collections
+import common
 
 from rpo_jax.core.config import parse_arg
 from rpo_jax.toy import subject as toy_subject
@@ -30,38 +30,20 @@ from rpo_jax.toy import subject as toy_subject
 
 def get_config(arg=None):
     a = parse_arg(arg, lambda_val=0.5, seed=0)
-    c = ml_collections.ConfigDict()
+    c = common.get_config()
     c.pretrained = "toy:pipeline"             # the miniature SD (a diffusers folder)
     c.reward_model = "toy:align"              # the toy ALIGN (a transformers AlignModel folder)
-    c.subject = ml_collections.ConfigDict(dict(
-        name=toy_subject.NAME,
-        class_noun=toy_subject.CLASS_NOUN,
-        live=False,
-        reference_dir="toy:subject",
-        identifier=toy_subject.IDENTIFIER,
-        prompts=toy_subject.TRAINING_PROMPTS,
-        reference_prompt=toy_subject.REFERENCE_PROMPT,
-    ))
-    c.resolution = 0                          # the pipeline's own: 32 px
-    c.dtype = "float32"
-    c.attention_impl = "auto"
-    c.mesh = (-1, 1, 1)
-    c.logical_axis_rules = ()
-    c.negatives = ml_collections.ConfigDict(dict(
-        k=8, seed=int(a.seed), num_inference_steps=25, guidance_scale=5.0, negative_prompt="",
-        batch_size=64))
-    c.reward = ml_collections.ConfigDict(dict(lambda_train=0.0, lambda_val=float(a.lambda_val)))
-    c.labels = ml_collections.ConfigDict(dict(mode="sampled"))
-    c.objective = ml_collections.ConfigDict(dict(
-        beta=1.0, w_sim=1.0, w_pref=1.0, share_noise_in_pair=False))
-    c.train = ml_collections.ConfigDict(dict(
-        max_steps=300, batch_size=4, grad_accum=1, lr=1e-4, weight_decay=1e-2, b1=0.9,
-        b2=0.999, eps=1e-8, warmup_steps=0, max_grad_norm=1.0, seed=int(a.seed), remat=False,
-        ref_params_dtype="float32", term_grad_norms=False, checkpoint_every=100, log_every=5))
-    c.eval = ml_collections.ConfigDict(dict(
-        every=50, num_images=8, num_inference_steps=25, guidance_scale=5.0, seed=1234,
-        early_stop_patience=0, lambda_sweep=()))
-    c.test = ml_collections.ConfigDict(dict(
-        prompts=toy_subject.EVALUATION_PROMPTS, num_images=8, num_inference_steps=25,
-        guidance_scale=5.0, seed=2024, clip_model="toy:clip", dino_model="", oracle="toy:oracle"))
+    c.subject.update(name=toy_subject.NAME, class_noun=toy_subject.CLASS_NOUN,
+                     reference_dir="toy:subject", identifier=toy_subject.IDENTIFIER,
+                     prompts=toy_subject.TRAINING_PROMPTS,
+                     reference_prompt=toy_subject.REFERENCE_PROMPT)
+    # resolution 0: the pipeline's own, 32 px
+    c.negatives.update(k=8, seed=int(a.seed), num_inference_steps=25, guidance_scale=5.0,
+                       batch_size=64)
+    c.reward.lambda_val = float(a.lambda_val)
+    c.train.update(max_steps=300, batch_size=4, lr=1e-4, seed=int(a.seed), term_grad_norms=False,
+                   checkpoint_every=100, log_every=5)
+    c.eval.update(every=50, num_images=8, num_inference_steps=25, guidance_scale=5.0)
+    c.test.update(prompts=toy_subject.EVALUATION_PROMPTS, num_images=8, num_inference_steps=25,
+                  guidance_scale=5.0, clip_model="toy:clip", oracle="toy:oracle")
     return c

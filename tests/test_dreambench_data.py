@@ -3,7 +3,6 @@
 A tiny DreamBench-shaped folder is made with Pillow in a temporary folder: ``backpack`` (an
 EXIF-rotated JPEG and an RGBA PNG) and ``dog`` (a two-frame MPO JPEG and a grayscale JPEG).
 """
-import importlib.util
 import os
 import pathlib
 import shutil
@@ -132,12 +131,13 @@ def test_tables():
     assert db.prompts_for(False, "sks", "toy")[-1] == "a cube shaped sks toy"
 
 
-def test_config_table_matches():
-    spec = importlib.util.spec_from_file_location(
-        "dreambench_sd21_config", REPO / "configs" / "dreambench_sd21.py")
-    config = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(config)
-    assert dict(config.SUBJECTS) == db.SUBJECTS
+def test_config_takes_each_subject_from_the_table():
+    from rpo_jax.core import config as config_lib
+
+    for name, (class_noun, live) in db.SUBJECTS.items():
+        c = config_lib.load_config(f"{REPO / 'configs' / 'dreambench_sd21.py'}:subject={name},dreambench=/db")
+        assert (c.subject.name, c.subject.class_noun, c.subject.live) == (name, class_noun, live)
+        assert c.subject.reference_dir == f"/db/{name}"
 
 
 def test_parse_real_format(tmp_path):

@@ -567,5 +567,26 @@ def test_save_grid_labels(tmp_path):
     assert _no_temp_files(tmp_path) == []
 
 
-def test_suffixes_constant():
-    assert IMAGE_SUFFIXES == (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo")
+PIL_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
+              ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".mpo": "MPO"}
+
+
+def test_every_listed_suffix_is_read_and_other_files_are_skipped(tmp_path):
+    """A real file of each suffix in IMAGE_SUFFIXES (upper-case too) is listed and decodes to the
+    pattern; a notes file and a hidden file are skipped."""
+    assert set(IMAGE_SUFFIXES) == set(PIL_FORMAT)  # every suffix gets a real file below
+    upright = pattern(16, 12)
+    names = []
+    for i, suffix in enumerate(IMAGE_SUFFIXES):
+        name = f"{i:02d}{suffix.upper() if i % 2 else suffix}"
+        Image.fromarray(upright).save(tmp_path / name, format=PIL_FORMAT[suffix])
+        names.append(name)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    Image.fromarray(upright).save(tmp_path / ".hidden.png")
+    listed = list_images(tmp_path)
+    assert [p.name for p in listed] == names
+    for path in listed:
+        got = load_image(path)
+        assert got.shape == (12, 16, 3), path.name
+        assert all(close(a, b, tol=24) for a, b in zip(quadrant_colours(got),
+                                                      quadrant_colours(upright))), path.name

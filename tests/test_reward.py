@@ -1,4 +1,4 @@
-"""λ-Harmonic reward against a NumPy reference of rpo-spec §1."""
+"""λ-Harmonic reward against a NumPy reference of the paper's definition (Miao et al. 2024)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -157,7 +157,7 @@ def test_quality_gate_on_held_out_prompts(tmp_path):
 # Chance: colour 1/6, shape 1/5, scene 1/9. Measured with the shipped judges for this call (seed 1,
 # 40 images): colour 0.975, shape 0.675, scene 1.00; the shipped report (seed 0, 80 images): the
 # same. With the previous judges (milder degradations in training) seeds 1-3 gave colour
-# 0.90-0.975, shape 0.60-0.70, scene 0.975-1.00. Shape sits just under the 0.7 aim
+# 0.90-0.975, shape 0.60-0.70, scene 0.975-1.00. Shape sits just under the 0.7 target
 # (README "Toy world"); the bounds keep margin for seeds and another platform's floating point.
 GATE = {"colour": 0.8, "shape": 0.45, "scene": 0.85}
 

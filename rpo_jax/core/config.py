@@ -12,8 +12,10 @@ so code cannot add fields by typo either.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
+import sys
 import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,18 +44,36 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
+@contextlib.contextmanager
+def _importable(folder: Path):
+    """Let the code run inside import modules from ``folder``; afterwards ``sys.path`` and
+    ``sys.modules`` are as before (another folder's ``common.py`` is not mistaken for this one)."""
+    folder = str(folder.absolute())
+    before = set(sys.modules)
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+        for name in set(sys.modules) - before:
+            if str(getattr(sys.modules[name], "__file__", "") or "").startswith(folder + os.sep):
+                del sys.modules[name]
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Import ``FILE.py`` from ``spec`` (``FILE.py[:ARG]``) and return ``get_config(ARG)``."""
+    """Import ``FILE.py`` from ``spec`` (``FILE.py[:ARG]``) and return ``get_config(ARG)``; the
+    file may import modules beside it (``import common``: the shared base config)."""
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file not found: {file}")
     module_spec = importlib.util.spec_from_file_location(f"rpo_jax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise ConfigError(f"cannot import config file {file}: {e}") from e
+    with _importable(file.parent):  # a config may import its siblings, e.g. `import common`
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise ConfigError(f"cannot import config file {file}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {file} has no get_config(arg=None) function")
     config = module.get_config(arg or None)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from rpo_jax.core import fsutil
 
@@ -65,16 +65,6 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")
 #: Suffixes of photo formats that are not supported; named in errors instead of silently ignored.
 _UNSUPPORTED_PHOTO_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef",
                                ".arw", ".raf", ".orf", ".rw2", ".psd", ".svg", ".jp2")
-
-_TRANSPOSE = {  # EXIF orientation -> the transpose that makes the image upright (as exif_transpose)
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 _SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
                (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"RIFF", "WebP"))
@@ -137,13 +127,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = 50_000_000) -> np.n
             fmt = im.format
             try:
                 im.load()  # first frame; raises on truncated or corrupt data
-                orientation = _orientation(im, path)
-                if orientation in _TRANSPOSE:
-                    im_upright = im.transpose(_TRANSPOSE[orientation])
-                    im_upright.info = dict(im.info)  # keep "transparency" for the conversion
-                else:
-                    im_upright = im
-                rgb = _to_rgb(im_upright)
+                rgb = _to_rgb(_upright(im, path))
             except ImageError:
                 raise
             except MemoryError as e:
@@ -154,18 +138,18 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = 50_000_000) -> np.n
     return rgb
 
 
-def _orientation(im: Image.Image, path: Path) -> int:
-    """EXIF (or XMP) orientation 1-8 of ``im``; 1 when absent or unreadable (with a warning)."""
+def _upright(im: Image.Image, path: Path) -> Image.Image:
+    """``im`` turned as its EXIF (or XMP) orientation says (``ImageOps.exif_transpose``, which
+    keeps ``info`` such as "transparency"); as it is, with a warning, when that data is
+    unreadable: malformed metadata must not make a photo unreadable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's "possibly corrupt EXIF" chatter
-            value = im.getexif().get(0x0112, 1)
-        value = int(value)
-    except Exception as e:  # malformed EXIF must not make a photo unreadable
+            return ImageOps.exif_transpose(im)
+    except Exception as e:
         warnings.warn(f"{path}: unreadable EXIF data ({type(e).__name__}: {e}); orientation "
-                      "tag ignored", stacklevel=3)
-        return 1
-    return value if value in _TRANSPOSE else 1
+                      "tag ignored", stacklevel=4)
+        return im
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

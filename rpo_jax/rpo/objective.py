@@ -37,11 +37,11 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from rpo_jax.rpo import preference
 from rpo_jax.sd import schedulers
 
-LABEL_MODES = ("sampled", "soft")
 BATCH_KEYS = ("ref_latents", "ref_context", "neg_latents", "neg_context", "pref_prob")
 
 ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -83,8 +83,7 @@ class ObjectiveConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
         if self.w_sim == 0 and self.w_pref == 0:
             raise ValueError("w_sim and w_pref are both 0: the loss would be identically zero")
-        if self.label_mode not in LABEL_MODES:
-            raise ValueError(f"label_mode must be one of {list(LABEL_MODES)}, got {self.label_mode!r}")
+        preference.check_label_mode(self.label_mode, "label_mode")
         if not isinstance(self.share_noise_in_pair, bool):
             raise ValueError(f"share_noise_in_pair must be True or False, got {self.share_noise_in_pair!r}")
         if (not isinstance(self.num_train_timesteps, numbers.Integral)
@@ -256,10 +255,10 @@ def rpo_loss(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn: Appl
     return _metrics(e_y, e_g, ref_y, ref_g, inputs.labels, batch["pref_prob"], cfg)
 
 
-def global_norm(tree) -> jnp.ndarray:
-    """float32 L2 norm of all leaves of a pytree together."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+def _grad_norm(tree) -> jnp.ndarray:
+    """float32 global L2 norm of a gradient pytree: ``optax.tree.norm`` of the leaves cast to
+    float32 first (optax sums each leaf in its own dtype, which rounds bfloat16 gradients)."""
+    return optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
 
 
 def loss_and_grads(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn: ApplyFn,
@@ -279,7 +278,7 @@ def loss_and_grads(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn
         loss_fn = lambda p: rpo_loss(p, ref_params, batch, rng, apply_fn=apply_fn,
                                      alphas_cumprod=alphas_cumprod, cfg=cfg)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss, {**metrics, "grad_norm": global_norm(grads)}, grads
+        return loss, {**metrics, "grad_norm": _grad_norm(grads)}, grads
 
     cfg.check()
     _check_batch(batch, cfg, alphas_cumprod)
@@ -298,6 +297,6 @@ def loss_and_grads(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn
     grads = jax.tree_util.tree_map(
         lambda a, b: (cfg.w_sim * a + cfg.w_pref * b).astype(a.dtype), g_sim, g_pref)
     loss, metrics = _metrics(e_y, e_g, ref_y, ref_g, inputs.labels, batch["pref_prob"], cfg)
-    metrics.update(grad_norm_sim=global_norm(g_sim), grad_norm_pref=global_norm(g_pref),
-                   grad_norm=global_norm(grads))
+    metrics.update(grad_norm_sim=_grad_norm(g_sim), grad_norm_pref=_grad_norm(g_pref),
+                   grad_norm=_grad_norm(grads))
     return loss, metrics, grads
