@@ -4,20 +4,20 @@ RPO on the toy subject must raise the oracle's subject rate and subject fidelity
 image similarity to the references, CLIP-I) on the held-out prompts clearly above the base
 model's, while the oracle's scene accuracy stays within a stated tolerance of the base model's.
 
-Measured (`rpo-jax toy experiment --seeds 0,1,2`, 64 images per point; seed 0 is this test's run),
-base → RPO λ_val 0.5 (selected steps 50 / 100 / 50 of 300), seeds 0 / 1 / 2:
+Measured before negatives and validation shared the held-out sampler's noise
+(`rpo-jax toy experiment --seeds 0,1,2`, 64 images per point), base → RPO λ_val 0.5 (selected
+steps 50 / 100 / 50 of 300), seeds 0 / 1 / 2:
   oracle subject rate   0 → 0.141 / 0 → 0.047 / 0 → 0.062   (base: 0 of 192 images)
   CLIP-I                0.353 → 0.553 / 0.357 → 0.432 / 0.375 → 0.458
   oracle scene accuracy 0.938 → 0.844 / 0.906 → 0.734 / 0.906 → 0.734
 Thresholds keep about half the smallest measured gain (subject rate: at least 2 of the 64
 images, where the worst seed had 3 and the base model none), and allow the largest measured
-scene drop plus 0.1. With the previous references (all 5 on the gray background) no such test
-existed: the subject rate was 0.20 / 0 / 0.02 and the scenes fell by up to 0.66 (README "Toy
-world").
+scene drop plus 0.1. With the shared sampler (seed 0, the main job's 300 steps) the selected
+step is 300: subject rate 0 → 0.45, CLIP-I 0.353 → 0.626, scene accuracy 0.938 → 0.766.
 
-The run stops at step 200 of the main job's 300, to keep the default suite within its budget:
-every seed's selected checkpoint was at step ≤ 100, so the outcome is the main job's (seed 0:
-step 50, the numbers above).
+The run stops at step 200 of the main job's 300, to keep the default suite within its budget;
+its validation rewards are the main job's up to there (r_0.5 0.597 base, 0.600 / 0.591 / 0.595 /
+0.606 at steps 50-200), so it selects step 200.
 """
 import json
 
