@@ -61,7 +61,8 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         max_steps=400,                        # paper: ≤ 400
         batch_size=1,                         # pairs per micro-batch (paper: 1)
-        grad_accum=1,
+        grad_accum=1,                         # micro-batches per optimizer step
+        micro_batch_loop="auto",              # grad_accum > 1: 'unroll' | 'scan' | 'auto' (CPU: unroll)
         lr=5e-6,
         weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8,
         warmup_steps=0,

@@ -1,4 +1,5 @@
-"""The train step under data-parallel, FSDP and mixed meshes equals the single-device step."""
+"""The train step under data-parallel, FSDP and mixed meshes equals the single-device step, and
+its two micro-batch loops (unrolled, lax.scan) give the same update."""
 import functools
 
 import flax.linen as nn
@@ -45,7 +46,7 @@ def setup():
     return config, module, abstract, params, cache, alphas
 
 
-def _one_step(setup, mesh_shape):
+def _one_step(setup, mesh_shape, idx=None, unroll=True):
     config, module, abstract, params, cache, alphas = setup
     mesh = partitioning.make_mesh(mesh_shape)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -59,10 +60,12 @@ def _one_step(setup, mesh_shape):
     step = jax.jit(functools.partial(
         train.train_step, apply_fn=lambda q, x, t, c: module.apply({"params": q}, x, t, c),
         alphas_cumprod=alphas, obj_cfg=train.objective_config(config, "v_prediction"), tx=tx,
-        term_grad_norms=False, batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp")))),
+        term_grad_norms=False, batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))),
+        unroll=unroll),
         in_shardings=(state_shardings, shardings, replicated, replicated),
         out_shardings=(state_shardings, replicated))
-    idx = jnp.arange(8, dtype=jnp.int32)[None] * 3 % 32  # one micro-batch of 8 pairs
+    if idx is None:
+        idx = jnp.arange(8, dtype=jnp.int32)[None] * 3 % 32  # one micro-batch of 8 pairs
     with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
         new_state, metrics = step(state, p, jax.device_put(cache, replicated), idx)
     return jax.device_get(new_state.params), jax.device_get(metrics), new_state
@@ -84,3 +87,22 @@ def test_sharded_step_matches_single_device(setup, single, mesh_shape):
     if mesh_shape[1] > 1:  # FSDP really shards the weights (and the optimizer state with them)
         kernel = state.params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"]
         assert kernel.sharding.spec != PartitionSpec(None, None)
+
+
+def test_unrolled_and_scanned_micro_batches_give_the_same_update(setup, single):
+    idx = jnp.arange(12, dtype=jnp.int32).reshape(3, 4) * 5 % 32  # grad_accum 3 × 4 pairs
+    unrolled_params, unrolled_metrics, _ = _one_step(setup, (1, 1, 1), idx, unroll=True)
+    scanned_params, scanned_metrics, _ = _one_step(setup, (1, 1, 1), idx, unroll=False)
+    for k in ("loss", "l_sim", "l_pref", "delta_mean", "grad_norm", "update_norm"):
+        np.testing.assert_allclose(unrolled_metrics[k], scanned_metrics[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    for a, b in zip(jax.tree.leaves(unrolled_params), jax.tree.leaves(scanned_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # and three micro-batches are not one: the step really took the other pairs
+    assert unrolled_metrics["loss"] != single[1]["loss"]
+
+
+@pytest.mark.parametrize("loop, backend, unroll", [("auto", "cpu", True), ("auto", "tpu", False),
+                                                   ("auto", "gpu", False), ("scan", "cpu", False),
+                                                   ("unroll", "tpu", True)])
+def test_micro_batch_loop_setting(loop, backend, unroll):
+    assert train.unroll_micro_batches(loop, backend) is unroll

@@ -52,7 +52,8 @@ log = logs.get_logger(__name__)
 
 # Config keys that may change between runs in the same workdir (everything else must match).
 RESUMABLE_CHANGES = ("train.max_steps", "eval.early_stop_patience", "train.checkpoint_every",
-                     "train.log_every")
+                     "train.log_every", "train.micro_batch_loop")
+MICRO_BATCH_LOOPS = ("auto", "unroll", "scan")
 SUMMARY_FILE = "summary.json"
 
 
@@ -83,6 +84,8 @@ def check_config(config) -> None:
     for key in ("b1", "b2"):
         if not 0 <= getattr(t, key) < 1:
             raise ValueError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
+    if t.micro_batch_loop not in MICRO_BATCH_LOOPS:
+        raise ValueError(f"train.micro_batch_loop must be one of {MICRO_BATCH_LOOPS}, got {t.micro_batch_loop!r}")
     if t.ref_params_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"train.ref_params_dtype must be float32 or bfloat16, got {t.ref_params_dtype!r}")
     e = config.eval
@@ -183,11 +186,23 @@ def pair_indices(step: int, num_pairs: int, per_step: int, seed: int) -> np.ndar
 
 # ---- the step ---------------------------------------------------------------------------------
 
+def unroll_micro_batches(loop: str, backend: str | None = None) -> bool:
+    """train.micro_batch_loop → train_step's ``unroll``: 'auto' unrolls on the CPU backend (where
+    a scan body runs ~5x slower) and scans elsewhere (flat compile time at large grad_accum)."""
+    if loop == "auto":
+        return (backend or jax.default_backend()) == "cpu"
+    return loop == "unroll"
+
+
 def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.ndarray, *,
                apply_fn, alphas_cumprod, obj_cfg: objective.ObjectiveConfig,
                tx: optax.GradientTransformation, term_grad_norms: bool,
-               batch_sharding: NamedSharding | None) -> tuple[TrainState, dict]:
-    """One optimizer update from ``pair_idx`` (grad_accum, B) pair numbers; pure and jittable."""
+               batch_sharding: NamedSharding | None, unroll: bool = True) -> tuple[TrainState, dict]:
+    """One optimizer update from ``pair_idx`` (grad_accum, B) pair numbers; pure and jittable.
+
+    unroll (static): with grad_accum > 1, write the micro-batches out one after another (True)
+    or loop over them with ``lax.scan`` (False); see :func:`unroll_micro_batches`.
+    """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     num_neg = cache["neg_mean"].shape[0]
 
@@ -213,16 +228,24 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
             alphas_cumprod=alphas_cumprod, cfg=obj_cfg, term_grad_norms=term_grad_norms)
         return grads, metrics
 
-    def micro(carry, inputs):
-        grads, metrics = one(*inputs)
-        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
-
-    # Gradient accumulation: a scan over micro-batches summing into one grads-sized carry (no
-    # optimizer-state-sized buffer lives between steps).
+    # Gradient accumulation: the micro-batch gradients summed into one grads-sized buffer (no
+    # optimizer-state-sized buffer lives between steps). One micro-batch is called directly; for
+    # several, 'unroll' writes them out in the step (compile time grows with their number) and
+    # 'scan' loops with lax.scan (flat compile time). XLA:CPU hands convolutions to its fast
+    # YNNPACK fusions only outside loop bodies, so inside a scan they run ~5x slower (docs/
+    # performance.md); accelerators have no such gap.
     n = pair_idx.shape[0]
     keys = jax.random.split(key, n)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, pair_idx[0], keys[0]))
-    (grads, metrics), _ = jax.lax.scan(micro, zeros, (pair_idx, keys))
+    if n == 1 or unroll:
+        grads, metrics = one(pair_idx[0], keys[0])
+        for i in range(1, n):
+            grads, metrics = jax.tree.map(jnp.add, (grads, metrics), one(pair_idx[i], keys[i]))
+    else:
+        def micro(carry, inputs):
+            return jax.tree.map(jnp.add, carry, one(*inputs)), None
+
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, pair_idx[0], keys[0]))
+        (grads, metrics), _ = jax.lax.scan(micro, zeros, (pair_idx, keys))
     grads = jax.tree.map(lambda g: g / n, grads)
     metrics = jax.tree.map(lambda m: m / n, metrics)  # per-term grad norms: micro-batch means
     metrics["grad_norm"] = optax.global_norm(grads)  # of the accumulated gradient, before clipping
@@ -437,6 +460,7 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
                           obj_cfg=objective_config(config, pipe.schedule.prediction_type,
                                                            pipe.schedule.num_train_timesteps), tx=tx,
                           term_grad_norms=t.term_grad_norms,
+                          unroll=unroll_micro_batches(t.micro_batch_loop),
                           batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp")))),
         in_shardings=(state_shardings, param_shardings, jax.tree.map(lambda _: replicated, cache), replicated),
         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
