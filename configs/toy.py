@@ -15,7 +15,7 @@ lr 1e-4) with validation-based selection at λ_val every 50 steps → evaluation
 model on the held-out prompts (8 images each). Leaves in runs/toy: report.md (the summary table),
 comparison.png (base vs fine-tuned per held-out prompt), curves.png (validation reward and loss
 terms over steps).
-Expected (2 CPU cores, ~5 min alone), base → RPO (step 300, the best validation reward r_0.5 0.621;
+Expected (2 CPU cores, ~2 min alone), base → RPO (step 300, the best validation reward r_0.5 0.621;
 base 0.597) on the held-out prompts: CLIP-I 0.353 → 0.626, CLIP-T 0.454 → 0.416, r_0.5 0.645 →
 0.690, oracle subject rate 0 → 0.45, oracle scene accuracy 0.94 → 0.77. A second run prints the
 finished report. docs/toy-world.md has the ablation over seeds and arms.

@@ -110,10 +110,10 @@ class JaxStep:
     """The project's step, as ``train()`` builds and compiles it, on one device."""
 
     def __init__(self, frozen: Path, trained: Path, schedule: NoiseSchedule, cache: dict,
-                 batch_size: int, grad_accum: int):
+                 batch_size: int, grad_accum: int, micro_batch_loop: str = "auto"):
         self.config = config_lib.resolve(str(ROOT / "configs" / "toy.py"), [
             f"--config.train.batch_size={batch_size}", f"--config.train.grad_accum={grad_accum}",
-            "--config.train.term_grad_norms=False"])
+            "--config.train.term_grad_norms=False", f"--config.train.micro_batch_loop={micro_batch_loop}"])
         self.module, ref_params, _ = unet_lib.load_unet(frozen, attention_impl="auto")
         _, params, _ = unet_lib.load_unet(trained, attention_impl="auto")
         self.mesh = partitioning.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -241,35 +241,42 @@ def check_same_loss(jstep: JaxStep, tstep: TorchStep, cache: dict, batch_size: i
     return jax_loss, torch_loss
 
 
-def alternate(fns: dict, runs: int, warmup: int) -> dict[str, list[float]]:
+def alternate(fns: dict, runs: int, warmup: int, settle: float) -> dict[str, list[float]]:
+    """Seconds per run of each fn, alternating. ``settle`` seconds of sleep after every run let
+    the other side's idle worker threads stop spinning (PyTorch's OpenMP threads busy-wait after
+    a parallel region and take CPU from whatever runs next: measured on the toy step, the JAX
+    median rose from 85 to 129 ms when it ran right after PyTorch)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
+            time.sleep(settle)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
 
 
-def bench_step(model: str, grad_accum: int, runs: int, warmup: int) -> dict:
+def bench_step(model: str, grad_accum: int, runs: int, warmup: int, settle: float,
+               micro_batch_loop: str = "auto") -> dict:
     batch_size = 4 if model == "toy" else 1
     with tempfile.TemporaryDirectory() as tmp:
         frozen, trained, unet_cfg, schedule = make_unets(model, Path(tmp))
         cache = make_cache(unet_cfg)
-        jstep = JaxStep(frozen, trained, schedule, cache, batch_size, grad_accum)
+        jstep = JaxStep(frozen, trained, schedule, cache, batch_size, grad_accum, micro_batch_loop)
         tstep = TorchStep(frozen, trained, schedule, cache, batch_size, grad_accum, jstep.config)
     losses = check_same_loss(jstep, tstep, cache, batch_size)
-    times = alternate({"jax": jstep, "torch": tstep}, runs, warmup)
-    return {"what": f"{model}: RPO step, grad_accum {grad_accum} x {batch_size} pairs", "model": model,
+    times = alternate({"jax": jstep, "torch": tstep}, runs, warmup, settle)
+    loop = "" if micro_batch_loop == "auto" else f" ({micro_batch_loop})"
+    return {"what": f"{model}: RPO step, grad_accum {grad_accum} x {batch_size} pairs{loop}", "model": model,
             "grad_accum": grad_accum, "batch_size": batch_size, "pairs": grad_accum * batch_size,
             "loss_jax": losses[0], "loss_torch": losses[1], "gflop": jstep.gflop,
             "compile_seconds": jstep.compile_seconds, "seconds": times}
 
 
-def bench_sampling(runs: int, warmup: int, steps: int = 20, num_images: int = 8, guidance: float = 5.0) -> dict:
+def bench_sampling(runs: int, warmup: int, settle: float, steps: int = 20, num_images: int = 8, guidance: float = 5.0) -> dict:
     pipe_dir = toy.resolve("toy:pipeline", "pretrained")
     jpipe = load_pipeline(pipe_dir)
     tpipe = diffusers.StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None)
@@ -296,7 +303,7 @@ def bench_sampling(runs: int, warmup: int, steps: int = 20, num_images: int = 8,
     t0 = time.perf_counter()
     run_jax()
     compile_seconds = time.perf_counter() - t0
-    times = alternate({"jax": run_jax, "torch": run_torch}, runs, warmup)
+    times = alternate({"jax": run_jax, "torch": run_torch}, runs, warmup, settle)
     return {"what": f"toy: DDIM {steps} steps + CFG, {num_images} images", "model": "toy", "pairs": None,
             "max_abs_latent_diff": float(np.max(np.abs(out["jax"] - out["torch"]))),
             "compile_seconds": compile_seconds, "gflop": None, "seconds": times}
@@ -321,9 +328,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="toy,sd21-small", help="comma-separated: toy, sd21-small")
     parser.add_argument("--grad-accum", default="1,4", help="comma-separated micro-batch counts")
+    parser.add_argument("--micro-batch-loop", default="auto", choices=train.MICRO_BATCH_LOOPS,
+                        help="the JAX step's train.micro_batch_loop (scan: the XLA:CPU loop-body gap)")
     parser.add_argument("--no-sampling", action="store_true", help="skip the DDIM sampling comparison")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--settle", type=float, default=0.5,
+                        help="seconds of sleep before every timed run (idle threads stop spinning)")
     parser.add_argument("--out", type=Path, help="also write the measurements here as JSON")
     args = parser.parse_args(argv)
     results = []
@@ -331,10 +342,10 @@ def main(argv=None) -> None:
         if model not in ("toy", "sd21-small"):
             parser.error(f"--models: unknown model {model!r}; known: toy, sd21-small")
         for accum in (int(a) for a in args.grad_accum.split(",")):
-            results.append(bench_step(model, accum, args.runs, args.warmup))
+            results.append(bench_step(model, accum, args.runs, args.warmup, args.settle, args.micro_batch_loop))
             print(table(results[-1:]).splitlines()[-1], flush=True)
     if not args.no_sampling:
-        results.append(bench_sampling(args.runs, args.warmup))
+        results.append(bench_sampling(args.runs, args.warmup, args.settle))
     print(f"\n{jax.devices()[0].device_kind}, {torch.get_num_threads()} torch threads, "
           f"jax {jax.__version__}, torch {torch.__version__}\n")
     print(table(results))
