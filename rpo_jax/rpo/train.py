@@ -232,8 +232,8 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
     # optimizer-state-sized buffer lives between steps). One micro-batch is called directly; for
     # several, 'unroll' writes them out in the step (compile time grows with their number) and
     # 'scan' loops with lax.scan (flat compile time). XLA:CPU hands convolutions to its fast
-    # YNNPACK fusions only outside loop bodies, so inside a scan they run ~5x slower (docs/
-    # performance.md); accelerators have no such gap.
+    # YNNPACK fusions only outside loop bodies, so inside a scan the backward convolutions run
+    # ~5x slower (docs/performance.md); the gap is XLA:CPU's, hence 'auto'.
     n = pair_idx.shape[0]
     keys = jax.random.split(key, n)
     if n == 1 or unroll:
