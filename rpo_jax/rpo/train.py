@@ -255,6 +255,70 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def jit_train_step(config, unet_module: nn.Module, schedule, mesh: jax.sharding.Mesh,
+                   state_shardings: Any, param_shardings: Any, cache_shardings: Any,
+                   backend: str | None = None):
+    """:func:`train_step` jitted as ``train()`` runs it: ``(state, ref_params, cache, pair_idx
+    (grad_accum, B) int32) → (state, metrics)``, the state donated, the batch split over the
+    mesh's ('data', 'fsdp') axes. ``backend`` (default: JAX's) picks the micro-batch loop of
+    'auto' (see :func:`unroll_micro_batches`); the throughput bench and the TPU planner compile
+    this same function."""
+    t = config.train
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        functools.partial(train_step, apply_fn=lambda p, x, ts, c: unet_module.apply({"params": p}, x, ts, c),
+                          alphas_cumprod=jnp.asarray(schedule.alphas_cumprod),
+                          obj_cfg=objective_config(config, schedule.prediction_type,
+                                                   schedule.num_train_timesteps), tx=make_optimizer(config),
+                          term_grad_norms=t.term_grad_norms,
+                          unroll=unroll_micro_batches(t.micro_batch_loop, backend),
+                          batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp")))),
+        in_shardings=(state_shardings, param_shardings, cache_shardings, replicated),
+        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def cache_shapes(num_refs: int, num_negs: int, num_prompts: int, latent_shape: tuple[int, int, int],
+                 context_shape: tuple[int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes :func:`build_cache` returns, for compiling the step without data: latents
+    (H, W, C), text context (77, D)."""
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    return {"ref_mean": f32(num_refs, *latent_shape), "ref_std": f32(num_refs, *latent_shape),
+            "neg_mean": f32(num_negs, *latent_shape), "neg_std": f32(num_negs, *latent_shape),
+            "ref_context": f32(*context_shape), "prompt_context": f32(num_prompts, *context_shape),
+            "neg_prompt_index": jax.ShapeDtypeStruct((num_negs,), jnp.int32),
+            "pref_prob": f32(num_refs, num_negs)}
+
+
+def abstract_train_inputs(config, unet_module: nn.Module, mesh: jax.sharding.Mesh, cache: dict,
+                          rules=None) -> tuple[tuple, tuple]:
+    """Abstract (ShapeDtypeStruct with sharding) arguments of :func:`jit_train_step` for
+    ``unet_module`` on ``mesh``, as ``train()`` would build them, with no weights: returns
+    ``((state, ref_params, cache, pair_idx), (state_shardings, param_shardings, cache_shardings))``.
+    ``cache``: ShapeDtypeStructs as :func:`cache_shapes` gives."""
+    t = config.train
+    rules = partitioning.rules_from_config(config.logical_axis_rules) if rules is None else rules
+    replicated = NamedSharding(mesh, PartitionSpec())
+    boxed = base.abstract_params(unet_module, *unet_lib.init_inputs(unet_module.config))
+    param_shardings = partitioning.param_shardings(boxed, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), param_shardings)
+    ref_dtype = jnp.dtype(t.ref_params_dtype)
+    ref_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, ref_dtype, sharding=a.sharding), params)
+    tx = make_optimizer(config)
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             abstract_opt, opt_shardings)
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
+                       opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+    cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in cache.items()}
+    pair_idx = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size), jnp.int32, sharding=replicated)
+    shardings = (jax.tree.map(lambda x: x.sharding, state), param_shardings,
+                 jax.tree.map(lambda _: replicated, cache))
+    return (state, ref_params, cache, pair_idx), shardings
+
+
 # ---- validation -------------------------------------------------------------------------------
 
 class Validator:
@@ -454,16 +518,8 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
 
     # 4. the compiled step
     per_step = t.batch_size * t.grad_accum
-    step_fn = jax.jit(
-        functools.partial(train_step, apply_fn=lambda p, x, ts, c: pipe.unet.apply({"params": p}, x, ts, c),
-                          alphas_cumprod=jnp.asarray(pipe.schedule.alphas_cumprod),
-                          obj_cfg=objective_config(config, pipe.schedule.prediction_type,
-                                                           pipe.schedule.num_train_timesteps), tx=tx,
-                          term_grad_norms=t.term_grad_norms,
-                          unroll=unroll_micro_batches(t.micro_batch_loop),
-                          batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp")))),
-        in_shardings=(state_shardings, param_shardings, jax.tree.map(lambda _: replicated, cache), replicated),
-        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    step_fn = jit_train_step(config, pipe.unet, pipe.schedule, mesh, state_shardings, param_shardings,
+                             jax.tree.map(lambda _: replicated, cache))
     shape_of = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
