@@ -17,7 +17,9 @@
 
 Commands that take ``--config FILE.py[:ARG]`` also take overrides ``--config.KEY=VALUE``.
 
-Run ``rpo-jax COMMAND --help`` for each command's options.
+Run ``rpo-jax COMMAND --help`` for each command's options. Compiled XLA programs are cached in
+~/.cache/rpo-jax/jax (see :mod:`rpo_jax.core.compile_cache`; ``RPO_JAX_COMPILATION_CACHE=off``
+turns the cache off).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rpo_jax.core import config as config_lib, fsutil, logs
+from rpo_jax.core import compile_cache, config as config_lib, fsutil, logs, tpu_env
 from rpo_jax.evaluation import heldout
 from rpo_jax.jobs import assets, job as job_lib, toy_experiment
 from rpo_jax.rpo import preference
@@ -189,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reward Preference Optimization (Miao et al., NeurIPS 2024) in JAX:\n"
                     "fine-tune a Stable Diffusion UNet on a few photos of a subject.",
         epilog="Commands that take --config FILE.py[:ARG] also take overrides --config.KEY=VALUE.\n"
-               "Run 'rpo-jax COMMAND --help' for each command's options.")
+               "Run 'rpo-jax COMMAND --help' for each command's options.\n"
+               "Compiled XLA programs are cached in ~/.cache/rpo-jax/jax and reused by the next run;\n"
+               "RPO_JAX_COMPILATION_CACHE=DIR moves the cache, RPO_JAX_COMPILATION_CACHE=off turns it off.")
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="sampling smoke test: a random tiny pipeline → PNGs",
@@ -362,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     logs.configure()
+    tpu_env.quiet_libtpu_without_tpu()
+    compile_cache.configure()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

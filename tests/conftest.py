@@ -10,6 +10,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "rpo-jax-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# libtpu (the plan extra, for compiling against TPU topologies) probes for TPU chips when the
+# compilation cache is on; on this CPU machine that only prints errors.
+from rpo_jax.core import tpu_env  # noqa: E402  (imports no JAX backend)
+
+tpu_env.quiet_libtpu_without_tpu()
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
