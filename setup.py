@@ -29,6 +29,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # The PyTorch side of `rpo-jax bench` (torch pinned as below).
+        "bench": ["torch==2.13.0", "diffusers>=0.42.1", "transformers>=5.24.0"],
         # Reference implementations for parity tests. torch is pinned: on the project's machines
         # torch==2.13.0 is a local CPU wheel, and any other spec pulls gigabytes of CUDA wheels.
         "test": [

@@ -33,7 +33,7 @@ def get_config(arg=None):
     ))
     c.resolution = 0                          # 0: the pipeline's default (the paper: 512 px)
     c.dtype = "float32"                       # activation dtype: float32 | bfloat16
-    c.attention_impl = "auto"                 # auto | einsum | blocked
+    c.attention_impl = "auto"                 # auto | einsum | blocked | dpa (rpo_jax/models/attention.py)
     c.mesh = (-1, 1, 1)                       # (data, fsdp, tensor); -1 fills with the devices left,
                                               # e.g. (1, -1, 1) for FSDP
     c.logical_axis_rules = ()                 # ((logical, mesh axes), ...) before the defaults in

@@ -31,6 +31,7 @@ import time
 import traceback
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -38,6 +39,8 @@ from PIL import Image
 from rpo_jax.core import compile_cache, config as config_lib, fsutil, logs, tpu_env
 from rpo_jax.evaluation import heldout
 from rpo_jax.jobs import assets, job as job_lib, toy_experiment
+from rpo_jax.models import attention
+from rpo_jax.perf import bench as bench_lib
 from rpo_jax.rpo import preference
 from rpo_jax.sd.pipeline import load_pipeline, save_pipeline
 from rpo_jax.testing.tiny import make_tiny_pipeline
@@ -185,6 +188,21 @@ def _dreambench(args: argparse.Namespace) -> int:
     return 143 if results["interrupted"] else 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    settle = args.settle if args.settle is not None else (0.5 if jax.default_backend() == "cpu" else 0.0)
+    opts = bench_lib.Options(
+        config=args.config, runs=args.runs, warmup=args.warmup, settle=settle, dtype=args.dtype,
+        attention=args.attention, remat=args.remat, ref_dtype=args.ref_dtype, torch=not args.no_torch,
+        torch_compile=args.torch_compile, channels_last=args.channels_last,
+        sampling_steps=args.sampling_steps, sampling_images=args.sampling_images,
+        reward_images=args.reward_images, reward_model=args.reward_model or "", overrides=args.overrides)
+    split = lambda text: [x for x in text.split(",") if x]
+    bench_lib.run(split(args.models), [int(a) for a in split(args.grad_accum)], split(args.parts), opts,
+                  Path(args.out) if args.out else None,
+                  pairs=[int(n) for n in split(args.pairs)] if args.pairs else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rpo-jax", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -220,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="default: the UNet's sample_size × 8")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activation dtype")
-    p.add_argument("--attention", choices=["auto", "einsum", "blocked"], default="auto",
+    p.add_argument("--attention", choices=list(attention.ATTENTION_IMPLS), default="auto",
                    help="attention kernel (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_sample)
@@ -323,6 +341,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of hosts splitting the subjects: host i takes the sorted "
                    "subjects at positions i, i+n, ... (default 1)")
     p.set_defaults(func=_dreambench, takes_overrides=True)
+    p = sub.add_parser("bench", help="the RPO step, sampling and reward: JAX against PyTorch",
+                       description="Time the RPO train step, DDIM + CFG sampling and λ-Harmonic "
+                       "reward scoring in JAX (this project) and in PyTorch (diffusers / transformers) "
+                       "on the same configs and weights, alternating in one process after checking "
+                       "that both compute the same loss / latents / rewards. Reports median and "
+                       "spread, the JAX/PyTorch ratio, images/s, XLA's FLOPs, TFLOP/s, MFU and "
+                       "memory; --out writes bench.json, bench.md and bench.png. The PyTorch side "
+                       "needs torch, diffusers and transformers (pip install -e '.[bench]'). "
+                       "Overrides --config.KEY=VALUE apply to the step's config.")
+    p.add_argument("--models", default="toy,sd21-small",
+                   help=f"comma-separated: {', '.join(bench_lib.MODELS)} (default toy,sd21-small; "
+                        "sd21 / sd15 are the full UNets at 512 px, for accelerators)")
+    p.add_argument("--parts", default="step,sampling,reward", help="comma-separated: step, sampling, reward")
+    p.add_argument("--grad-accum", default="1,4", help="micro-batch counts of the step (default 1,4)")
+    p.add_argument("--pairs", default=None,
+                   help="comma-separated pairs per micro-batch (default: toy 4, others 1)")
+    p.add_argument("--config", default="configs/common.py",
+                   help="config for the optimizer and objective (default configs/common.py: the paper's recipe)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="activations, both sides (PyTorch: bf16 autocast; default float32)")
+    p.add_argument("--attention", choices=list(attention.ATTENTION_IMPLS), default="auto",
+                   help="JAX attention kernel (default auto)")
+    p.add_argument("--remat", action="store_true", help="JAX: recompute blocks in the backward pass")
+    p.add_argument("--ref-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="JAX: the frozen UNet's parameter dtype (default float32)")
+    p.add_argument("--no-torch", action="store_true", help="JAX only (no PyTorch side, no checks)")
+    p.add_argument("--torch-compile", action="store_true", help="PyTorch: torch.compile both UNets")
+    p.add_argument("--channels-last", action="store_true", help="PyTorch: channels-last memory format")
+    p.add_argument("--sampling-steps", type=int, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--sampling-images", type=int, default=8, help="images per sampling call (default 8)")
+    p.add_argument("--reward-images", type=int, default=32, help="images scored per call (default 32)")
+    p.add_argument("--reward-model", default=None,
+                   help="an ALIGN or CLIP transformers folder (default: the toy world's ALIGN)")
+    p.add_argument("--runs", type=int, default=7, help="timed runs per side (default 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per side first (default 2)")
+    p.add_argument("--settle", type=float, default=None,
+                   help="seconds of sleep before each timed run (default 0.5 on CPU, 0 elsewhere)")
+    p.add_argument("--out", default=None, help="folder for bench.json, bench.md, bench.png")
+    p.set_defaults(func=_bench, takes_overrides=True)
+
     toy = sub.add_parser("toy", help="the toy world: pretrain its models, run the ablation",
                          description="The toy world (rpo_jax/toy): a procedural world of coloured "
                          "shapes in scenes, a miniature SD, tiny ALIGN/CLIP and oracle judges "

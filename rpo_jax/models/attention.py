@@ -6,7 +6,11 @@ backend (see the project's measured notes):
   'blocked'  query-block attention with a memory-lean custom VJP (see ``blocked_attention``);
              about 3x faster than 'einsum' for the backward pass of long (≥ 1024 token)
              self-attention on XLA:CPU;
-  'auto'     'blocked' for self-attention longer than ``BLOCKED_MIN_LENGTH`` tokens, else 'einsum'.
+  'dpa'      ``jax.nn.dot_product_attention`` (cuDNN's fused flash attention on NVIDIA GPUs for
+             bfloat16 / float16 inputs, XLA's implementation elsewhere); computes in the inputs'
+             dtype (no upcast), as PyTorch's SDPA does in diffusers;
+  'auto'     on CPU: 'blocked' for self-attention longer than ``BLOCKED_MIN_LENGTH`` tokens, else
+             'einsum'; on GPU: 'dpa' for unmasked attention; elsewhere (TPU): 'einsum'.
 All kernels take q (B, Lq, H, D), k and v (B, Lk, H, D) and return (B, Lq, H, D).
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 from rpo_jax.models import layers
 from rpo_jax.models.blocked_attention import blocked_attention
 
-ATTENTION_IMPLS = ("einsum", "blocked", "auto")
+ATTENTION_IMPLS = ("einsum", "blocked", "dpa", "auto")
 BLOCKED_MIN_LENGTH = 512
 
 
@@ -44,13 +48,24 @@ def einsum_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def auto_impl(backend: str, query_length: int, masked: bool) -> str:
+    """The kernel 'auto' picks (see the module docstring)."""
+    if backend == "cpu":
+        return "blocked" if (not masked and query_length >= BLOCKED_MIN_LENGTH) else "einsum"
+    return "dpa" if (backend in ("gpu", "cuda", "rocm") and not masked) else "einsum"
+
+
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, impl: str = "auto",
                           upcast: bool = True, mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Dispatch to the kernel named ``impl`` (one of ``ATTENTION_IMPLS``); shapes as above."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "blocked" if (mask is None and q.shape[1] >= BLOCKED_MIN_LENGTH) else "einsum"
+        impl = auto_impl(jax.default_backend(), q.shape[1], mask is not None)
+    if impl == "dpa":
+        bias = None if mask is None else jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                            bias=None if bias is None else bias.astype(q.dtype))
     if impl == "blocked":
         if mask is not None:
             raise ValueError("attention_impl='blocked' does not take a mask; use 'einsum'")
