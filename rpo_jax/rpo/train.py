@@ -496,6 +496,12 @@ def load_best_params(workdir: str | os.PathLike, abstract_params: Any,
 
 # ---- the job --------------------------------------------------------------------------------------
 
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+    """Whether ``workdir/checkpoints`` holds a saved step (a run that has trained)."""
+    folder = Path(workdir) / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
 def finished_summary(config, workdir: str | os.PathLike) -> dict | None:
     """The summary.json of a run in ``workdir`` that has trained ``train.max_steps`` steps, else
     None (nothing to do or resume: ``train`` would return it unchanged)."""
