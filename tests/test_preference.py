@@ -58,7 +58,8 @@ def _tiny_config(**overrides):
 
 def _negatives(config, workdir, progress=False):
     """The `rpo-jax negatives` job."""
-    return job_lib.Job(config, workdir, record_config=False).negatives(progress)
+    with job_lib.Job(config, workdir, record_config=False) as job:
+        return job.negatives(progress)
 
 
 @pytest.fixture(scope="module")

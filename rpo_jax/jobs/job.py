@@ -121,24 +121,31 @@ class Job:
         partitioning.rules_from_config(config.logical_axis_rules)  # fail early on bad rules
         self.mesh = partitioning.make_mesh(tuple(config.mesh))
         self.paths: dict[str, Path | None] = {}  # config key → folder, filled by path()
-        for key in PATH_KEYS:
-            if not str(_get(config, key)).startswith("tiny:"):
-                self.path(key)
+        self._check_folders(made_here=False)
         config_json = fsutil.jsonable(config)
         if record_config:
             self._check_recorded_config(config_json)
-        # 2. the lock, the tiny: assets, the pipeline and the photos; then config.json
+        # 2. the lock, the tiny: assets (made in the workdir) and their checks; then config.json
         self.lock = workdir_lock.WorkdirLock(self.workdir)
         try:
-            for key in PATH_KEYS:
-                self.path(key)
-            check_pipeline_folder(self.paths["pretrained"])
-            check_photos(self.paths["subject.reference_dir"])
+            self._check_folders(made_here=True)
             if record_config:
                 self._record_config(config_json)
         except BaseException:
             self.close()
             raise
+
+    def _check_folders(self, made_here: bool) -> None:
+        """Resolve the PATH_KEYS folders made under the workdir (``tiny:``; ``made_here``) or the
+        others, and check them: the pipeline folder's layout, every reference photo decoded."""
+        for key in PATH_KEYS:
+            if str(_get(self.config, key)).startswith("tiny:") != made_here:
+                continue
+            folder = self.path(key)
+            if key == "pretrained":
+                check_pipeline_folder(folder)
+            elif key == "subject.reference_dir":
+                check_photos(folder)
 
     def close(self) -> None:
         """Release the workdir lock (idempotent)."""
