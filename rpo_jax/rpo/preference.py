@@ -297,7 +297,11 @@ class PreferenceData:
         if not path.is_file():
             raise FileNotFoundError(f"no preference data: {path} does not exist "
                                     "(run `rpo-jax negatives` first)")
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); delete {folder} to make the "
+                             "negatives again") from e
         load = lambda recs: np.stack([images_lib.load_image(folder / r["file"]) for r in recs])
         return cls(
             references=load(manifest["references"]),
