@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import re
 import shutil
@@ -404,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     logs.configure()
+    if not debug:  # a library thread's error is raised again in the main thread: one line there
+        logging.getLogger("absl").addFilter(_without_traceback)
     tpu_env.quiet_libtpu_without_tpu()
     compile_cache.configure()
     try:
@@ -414,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug (e.g. a shape error inside JAX), or --debug: the whole traceback
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter keeping a record's message but not its traceback (Orbax's background
+    threads log the traceback of a failed save, then the main thread raises the error)."""
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
 
 
 def one_line_error(error: BaseException) -> str | None:
@@ -438,10 +448,11 @@ def one_line_error(error: BaseException) -> str | None:
             cause = e.strerror or str(e) or type(e).__name__
             return f"{path + ': ' if path else ''}{cause} ({type(e).__name__})"
         e = e.__cause__ or e.__context__
-    text = str(error)
-    if any(os.strerror(code) in text for code in _OS_FAULTS):
-        first = " ".join(text.split())
-        return (first[:300] + "...") if len(first) > 300 else first
+    text = " ".join(str(error).split())
+    for code in _OS_FAULTS:
+        cause = os.strerror(code)
+        if cause in text:  # e.g. TensorStore: 'Error writing local file "PATH": ... No space left ...'
+            return text if len(text) <= 300 else f"{text[:260]} ... {cause}"
     return None
 
 

@@ -99,3 +99,18 @@ def test_nonfinite_leaves_and_all_finite():
     assert not bool(checkpoints.all_finite(tree))
     assert bool(checkpoints.all_finite({"a": tree["a"], "n": tree["n"]}))
     assert json.dumps(checkpoints.nonfinite_leaves({"x": np.zeros(2)})) == "[]"
+
+
+def test_writing_names_the_folder_of_an_oserror_without_a_path(tmp_path):
+    """Orbax's background save threads raise the OS error of a full disk without a file name."""
+    with pytest.raises(OSError) as e:
+        with checkpoints.writing(tmp_path / "checkpoints"):
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as cause:
+                raise RuntimeError("Save Finalize thread failed") from cause
+    assert (e.value.errno, e.value.filename) == (28, str(tmp_path / "checkpoints"))
+    with pytest.raises(OSError) as e:  # a path already named is kept
+        with checkpoints.writing(tmp_path):
+            raise OSError(13, "Permission denied", "/some/file")
+    assert e.value.filename == "/some/file"

@@ -253,3 +253,14 @@ def test_a_permission_error_is_one_line_naming_the_path(monkeypatch, tmp_path, c
     monkeypatch.setattr(cli, "_negatives", unreadable)
     assert cli.main(["negatives", "--config", "configs/tiny.py", "--workdir", "unused"]) == 2
     assert _error_line(capsys.readouterr().err) == f"error: {path}: Permission denied (PermissionError)"
+
+
+def test_a_library_error_with_the_os_text_is_one_line_ending_in_the_cause():
+    """TensorStore on a full disk (Orbax checkpoints): its own error type, the path and the OS
+    text inside a long message."""
+    long = ('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/1.orbax-checkpoint-tmp/'
+            'state/_sharding": ' + "x" * 400 + " No space left on device [source locations='...']")
+    line = cli.one_line_error(ValueError(long))
+    assert line.startswith("RESOURCE_EXHAUSTED: Error writing local file \"/w/checkpoints/1")
+    assert line.endswith("No space left on device") and "\n" not in line
+    assert cli.one_line_error(ValueError("a shape mismatch inside a library")) is None

@@ -8,11 +8,14 @@ non-finite model.
   When no step is readable nothing is moved and :class:`CheckpointError` says what to do.
 - :func:`restore_step`: one step (the best UNet's folder keeps only one), with a one-line
   :class:`CheckpointError` naming the folder when it cannot be read.
+- :func:`writing`: an OSError that Orbax's background threads raise without a path (a full
+  disk) is given the checkpoint folder's, so the one-line error names it.
 - :func:`nonfinite_leaves` / :func:`all_finite`: which params hold NaN or inf (host side, for
   export and restore) and a device-side test (before every save).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,6 +101,22 @@ def restore_step(manager: ocp.CheckpointManager, step: int, args: Any, what: str
     except Exception as e:
         raise CheckpointError(f"{folder}: {what} cannot be read ({_cause(e)}); the folder is damaged: "
                               "restore it from a backup, or train again in a new --workdir") from e
+
+
+@contextlib.contextmanager
+def writing(folder: Path):
+    """Around a checkpoint save or wait: an OSError (itself, or the cause of the error raised) that
+    names no file is raised again as an OSError naming ``folder``, with the same errno."""
+    try:
+        yield
+    except Exception as e:
+        seen, cause = set(), e
+        while cause is not None and id(cause) not in seen and not isinstance(cause, OSError):
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError) and cause.filename is None:
+            raise OSError(cause.errno, cause.strerror or str(cause), str(folder)) from e
+        raise
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:

@@ -609,10 +609,11 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
                         "finite; not considered for best")
 
         def keep_best(manager, lam: float, reward: float) -> None:
-            manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                meta=ocp.args.JsonSave({"step": step, "reward": reward, "lambda_val": lam})))
-            manager.wait_until_finished()
+            with ckpt_lib.writing(Path(manager.directory)):
+                manager.save(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    meta=ocp.args.JsonSave({"step": step, "reward": reward, "lambda_val": lam})))
+                manager.wait_until_finished()
 
         if step > 0 and rankable and (meta["best_reward"] is None or mean > meta["best_reward"]):
             meta.update(best_reward=mean, best_step=step, evals_since_best=0)
@@ -640,8 +641,9 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
         # The data position is a function of the step (see pair_indices); recorded for readers.
         meta["data_position"] = {"pairs_seen": step * per_step, "num_pairs": data.num_pairs,
                                  "epoch": step * per_step // data.num_pairs}
-        ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                meta=ocp.args.JsonSave(meta)))
+        with ckpt_lib.writing(workdir / "checkpoints"):
+            ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)))
 
     if start_step == 0 and not meta["evals"]:
         evaluate(0)  # the base model's validation reward: the baseline of model selection
@@ -721,7 +723,8 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
-        ckpt.wait_until_finished()
+        with ckpt_lib.writing(workdir / "checkpoints"):
+            ckpt.wait_until_finished()
         metrics_log.close()
 
     median_step = float(np.median(step_times[1:] or step_times)) if step_times else float("nan")
