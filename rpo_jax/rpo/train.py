@@ -47,7 +47,7 @@ from rpo_jax.core import fsutil, images as images_lib, logs, partitioning
 from rpo_jax.models import base, unet as unet_lib, vae as vae_lib
 from rpo_jax.reward import harmonic as reward_lib
 from rpo_jax.rpo import checkpoints as ckpt_lib, objective, preference
-from rpo_jax.sd.sampling import sample_image_sets
+from rpo_jax.sd.sampling import NonFiniteImages, sample_image_sets
 
 log = logs.get_logger(__name__)
 
@@ -378,8 +378,16 @@ class Validator:
 
     def __call__(self, params) -> tuple[float, list[float], np.ndarray, dict[float, float]]:
         """(mean r_{λ_val}, its per-prompt means, uint8 images (P·n, H, W, 3), {λ: mean r_λ} for
-        the sweep's λ)."""
-        images = sample_image_sets(self.pipe, params, self.prompts, mesh=self.mesh, **self.sampling)
+        the sweep's λ). A UNet whose samples hold NaN or inf scores NaN (never ranked best), with
+        black images."""
+        try:
+            images = sample_image_sets(self.pipe, params, self.prompts, mesh=self.mesh, **self.sampling)
+        except NonFiniteImages as e:
+            log.warning(f"[eval] {e}")
+            r = self.sampling["resolution"]
+            nan = float("nan")
+            return (nan, [nan] * len(self.prompts), np.zeros((len(self.prompts) * self.n, r, r, 3), np.uint8),
+                    {lam: nan for lam in self.sweep})
         images = images.reshape((-1,) + images.shape[2:])
         embeds = self.encoder.embed_images(images)
         s_img = reward_lib.image_similarity(embeds, self.ref_embeds)
@@ -430,7 +438,8 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in values.items():
-            if isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0:
+            if ((isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0)
+                    and np.isfinite(float(v))):  # NaN / inf stay in metrics.jsonl only
                 self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
 
     def image(self, step: int, tag: str, grid_path: Path) -> None:

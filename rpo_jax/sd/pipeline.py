@@ -195,7 +195,7 @@ class StableDiffusion:
         sampler = self.sampler(num_inference_steps, eta, guidance_scale > 1.0)
         params = self.unet_params if unet_params is None else unet_params
         out = sampler(params, latents, cond, uncond, guidance_scale, jax.random.fold_in(rng, 1))
-        return sampling.to_uint8(self.decode_latents(out))
+        return sampling.finite_uint8(self.decode_latents(out), f"{prompts[0]!r}")
 
 
 # ---- loading ----------------------------------------------------------------------------------
