@@ -638,7 +638,8 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
         if progress:
             log.info(f"[eval] step {step}: validation reward r_λ={validator.lam} {mean:.4f} "
                   f"(best {meta['best_reward']:.4f} at step {meta['best_step']})"
-                  if meta["best_reward"] is not None else f"[eval] step {step}: base model {mean:.4f}")
+                  if meta["best_reward"] is not None else f"[eval] step {step}: base model {mean:.4f}"
+                  if step == 0 else f"[eval] step {step}: validation reward {mean:.4f} (no best yet)")
 
     def save(step: int) -> None:
         if ckpt.latest_step() == step:  # already saved (e.g. SIGTERM right after a validation)
