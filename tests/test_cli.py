@@ -1,5 +1,4 @@
 """The rpo-jax command line, as a user runs it."""
-import contextlib
 import errno
 import json
 import os
@@ -186,27 +185,13 @@ def test_a_full_disk_during_export_overwrite_is_one_line_and_keeps_the_old_expor
     assert sorted(p.name for p in old_output.parent.iterdir()) == ["out"]
 
 
-@contextlib.contextmanager
-def _mounted(target, *options):
-    """A small tmpfs or a read-only bind mount at ``target``; skips the test where mounting is not
-    allowed (not root, or a container without CAP_SYS_ADMIN)."""
-    target.mkdir(exist_ok=True)
-    result = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount here ({result.stderr.strip() or result.returncode})")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)
-
-
-def test_a_really_full_file_system_during_export_overwrite(tiny_pipeline_dirs, tmp_path, capsys):
+def test_a_really_full_file_system_during_export_overwrite(tiny_pipeline_dirs, tmp_path, mount, capsys):
     """A tmpfs 1.5× one export: the first export fits, the second (written beside the first
     before the swap) runs out of space: exit 2, one line, the first export unchanged."""
     assert main(["export", "--pretrained", str(tiny_pipeline_dirs["sd21"]), "--out",
                  str(tmp_path / "probe")]) == 0
     size = sum(p.stat().st_size for p in (tmp_path / "probe").rglob("*") if p.is_file())
-    with _mounted(tmp_path / "small", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 1024 + 64}k",
+    with mount(tmp_path / "small", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 1024 + 64}k",
                   "tmpfs") as small:
         args = ["export", "--pretrained", str(tiny_pipeline_dirs["sd21"]), "--out", str(small / "out")]
         assert main(args) == 0
@@ -219,10 +204,10 @@ def test_a_really_full_file_system_during_export_overwrite(tiny_pipeline_dirs, t
         assert sorted(p.name for p in small.iterdir()) == ["out"]
 
 
-def test_a_read_only_output_is_one_line(tiny_pipeline_dirs, tmp_path, capsys):
+def test_a_read_only_output_is_one_line(tiny_pipeline_dirs, tmp_path, mount, capsys):
     """A real read-only bind mount (root cannot write there either)."""
     (tmp_path / "src").mkdir()
-    with _mounted(tmp_path / "ro", "--bind", "-o", "ro", str(tmp_path / "src")) as ro:
+    with mount(tmp_path / "ro", "--bind", "-o", "ro", str(tmp_path / "src")) as ro:
         if os.access(ro, os.W_OK) and subprocess.run(["touch", str(ro / "x")]).returncode == 0:
             pytest.skip("the bind mount is writable here")
         assert main(["tiny-pipeline", "--out", str(ro / "sd")]) == 2

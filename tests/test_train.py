@@ -400,3 +400,14 @@ def test_a_finished_run_in_a_read_only_workdir_reruns_without_writing(run, monke
     assert main(["train", "--config", CONFIG, "--workdir", str(workdir)] + OVERRIDES) == 0
     assert "already finished at step 4" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_a_finished_run_on_a_read_only_mount_reruns(run, tmp_path, mount, capsys):
+    """The same on a real read-only bind mount of the finished workdir (skipped where the tests
+    may not mount): exit 0, nothing written, the lock taken through a read-only descriptor."""
+    workdir, _ = run
+    with mount(tmp_path / "ro", "--bind", "-o", "ro", str(workdir)) as ro:
+        if subprocess.run(["touch", str(ro / "probe")], capture_output=True).returncode == 0:
+            pytest.skip("the bind mount is writable here")
+        assert main(["train", "--config", CONFIG, "--workdir", str(ro)] + OVERRIDES) == 0
+        assert "already finished at step 4" in capsys.readouterr().out
