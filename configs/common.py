@@ -71,6 +71,9 @@ def get_config(arg=None):
         remat=False,
         ref_params_dtype="float32",           # frozen reference UNet: float32 | bfloat16
         term_grad_norms=True,                 # log |∇L_sim| and |∇L_pref| (one extra backward pass)
+        on_nonfinite="stop",                  # NaN/inf loss or gradient: 'stop' (error naming the step
+                                              # and term; nothing non-finite is saved) | 'skip_step'
+                                              # (keep params and optimizer state, go on)
         checkpoint_every=40,
         log_every=1,
     ))

@@ -20,10 +20,18 @@ Commands that take ``--config FILE.py[:ARG]`` also take overrides ``--config.KEY
 Run ``rpo-jax COMMAND --help`` for each command's options. Compiled XLA programs are cached in
 ~/.cache/rpo-jax/jax (see :mod:`rpo_jax.core.compile_cache`; ``RPO_JAX_COMPILATION_CACHE=off``
 turns the cache off).
+
+Errors of input and environment (a bad config value, a missing or unreadable file, a full or
+read-only disk, an unreadable checkpoint, a workdir in use) print one line, ``error: ...``, naming
+the path or key, and exit with status 2; ``--debug`` (or ``RPO_JAX_DEBUG=1``) shows the traceback
+instead. Bugs (an error raised inside a library from a valid input) always show their traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import os
 import re
 import shutil
 import sys
@@ -36,19 +44,23 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rpo_jax.core import compile_cache, config as config_lib, fsutil, logs, tpu_env
+from rpo_jax.core import compile_cache, config as config_lib, fsutil, logs, tpu_env, workdir_lock
 from rpo_jax.evaluation import heldout
 from rpo_jax.jobs import assets, job as job_lib, toy_experiment
 from rpo_jax.models import attention
 from rpo_jax.perf import bench as bench_lib
 from rpo_jax.rpo import preference
-from rpo_jax.sd.pipeline import load_pipeline, save_pipeline
+from rpo_jax.sd.pipeline import check_sampling_args, load_pipeline, save_pipeline
 from rpo_jax.testing.tiny import make_tiny_pipeline
 from rpo_jax.toy import pretrain as toy_pretrain
 
 log = logs.get_logger(__name__)
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DEBUG_ENV = "RPO_JAX_DEBUG"  # set to 1: tracebacks instead of one-line errors (as --debug)
+# File-system faults a library may report in its own exception type (safetensors, TensorStore):
+# recognised by the operating system's text for them.
+_OS_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -56,6 +68,14 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    check_sampling_args(num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
+                        guidance_scale=args.guidance_scale, eta=args.eta,
+                        names={"num_images_per_prompt": "--num-images", "num_inference_steps": "--steps",
+                               "guidance_scale": "--guidance-scale", "eta": "--eta"})
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and v < 8:  # the multiple the pipeline needs is checked once it is loaded
+            raise ValueError(f"{flag} must be >= 8 (a multiple of the pipeline's downsampling "
+                             f"factor; omit it for the pipeline's default), got {v}")
     out = fsutil.check_writable_dir(args.out, args.overwrite)  # fail before the work
     t0 = time.perf_counter()
     pipe = load_pipeline(args.pretrained, dtype=getattr(jnp, args.dtype),
@@ -131,8 +151,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _negatives(args: argparse.Namespace) -> int:
     config = config_lib.resolve(args.config, args.overrides)
-    job = job_lib.Job(config, args.workdir, record_config=False)
-    manifest = job.negatives()
+    with job_lib.Job(config, args.workdir, record_config=False) as job:
+        manifest = job.negatives()
     p = manifest["label_probability"]
     log.info(f"{len(manifest['negatives'])} negatives, {len(manifest['references'])} references, "
           f"{p['pairs']} pairs in {job.workdir / preference.NEGATIVES_DIR}\n"
@@ -174,8 +194,8 @@ def _eval(args: argparse.Namespace) -> int:
         config = config_lib.resolve(args.config, args.overrides)
     else:
         config = config_lib.workdir_config(workdir, args.overrides)
-    job = job_lib.Job(config, workdir, record_config=False)
-    job.evaluate(pretrained=args.pretrained, label=args.label, lambda_val=args.lambda_val)
+    with job_lib.Job(config, workdir, record_config=False) as job:
+        job.evaluate(pretrained=args.pretrained, label=args.label, lambda_val=args.lambda_val)
     return 0
 
 
@@ -234,13 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (default 7.5)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
-    p.add_argument("--height", type=int, default=None, help="default: the UNet's sample_size × 8")
-    p.add_argument("--width", type=int, default=None, help="default: the UNet's sample_size × 8")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of the VAE × UNet downsampling factor (64 for SD); "
+                   "default: the UNet's sample_size × 8")
+    p.add_argument("--width", type=int, default=None,
+                   help="pixels, a multiple of the VAE × UNet downsampling factor (64 for SD); "
+                   "default: the UNet's sample_size × 8")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0: deterministic)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activation dtype")
     p.add_argument("--attention", choices=list(attention.ATTENTION_IMPLS), default="auto",
                    help="attention kernel (default auto)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (the new images are written beside it and swapped "
+                   "in when complete: a failed run leaves the old folder as it was)")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("export", help="a run's best UNet or a pipeline → diffusers folder",
@@ -414,7 +440,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--arms", default="", help="semicolon-separated subset of the arms (default all)")
     p.set_defaults(func=_toy_experiment, takes_overrides=True)
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--debug`` on the parser and on every (nested) command, before or after the command."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help=f"show the full traceback of an error instead of one line (also: "
+                             f"{DEBUG_ENV}=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug_flag(sub, top=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,17 +461,57 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     logs.configure()
+    if not debug:  # a library thread's error is raised again in the main thread: one line there
+        logging.getLogger("absl").addFilter(_without_traceback)
     tpu_env.quiet_libtpu_without_tpu()
     compile_cache.configure()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        if not _raised_by_rpo_jax(e):
-            raise  # a bug (e.g. a shape error inside JAX): show the whole traceback
-        # Config, weight-file and path problems: the message names the file and key.
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = None if debug else one_line_error(e)
+        if message is None:
+            raise  # a bug (e.g. a shape error inside JAX), or --debug: the whole traceback
+        print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter keeping a record's message but not its traceback (Orbax's background
+    threads log the traceback of a failed save, then the main thread raises the error)."""
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def one_line_error(error: BaseException) -> str | None:
+    """The one-line message for an error of the user's input or environment, naming the file or
+    key; None for a bug (which keeps its traceback).
+
+    Input: ValueError (config values, files, checkpoints: their messages name the file and key)
+    and FileNotFoundError / FileExistsError raised by rpo_jax itself; a workdir in use. Environment:
+    any OSError (permission, read-only or full file system, ...: the path and the cause), and a
+    library's own exception whose message is the operating system's text for a file-system fault
+    (e.g. safetensors or TensorStore on a full disk).
+    """
+    if isinstance(error, workdir_lock.WorkdirBusy):
+        return str(error)
+    if isinstance(error, (ValueError, FileNotFoundError, FileExistsError)) and _raised_by_rpo_jax(error):
+        return str(error)
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:  # the error and what caused it
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            path = " → ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+            cause = e.strerror or str(e) or type(e).__name__
+            return f"{path + ': ' if path else ''}{cause} ({type(e).__name__})"
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(error).split())
+    for code in _OS_FAULTS:
+        cause = os.strerror(code)
+        if cause in text:  # e.g. TensorStore: 'Error writing local file "PATH": ... No space left ...'
+            return text if len(text) <= 300 else f"{text[:260]} ... {cause}"
+    return None
 
 
 def _raised_by_rpo_jax(error: BaseException) -> bool:

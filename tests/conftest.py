@@ -43,3 +43,26 @@ def tiny_pipeline_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {f: make_tiny_pipeline(root / f, seed=1, flavour=f) for f in FLAVOURS}
+
+
+@pytest.fixture
+def mount():
+    """``mount(target, *options)``: a context manager mounting at ``target`` (a small tmpfs, a
+    read-only bind mount) and unmounting after; skips the test where mounting is not allowed (not
+    root, or a container without CAP_SYS_ADMIN). Real file-system faults, which root's disregard
+    of file modes makes impossible to stage with chmod."""
+    import contextlib
+    import subprocess
+
+    @contextlib.contextmanager
+    def mounted(target, *options):
+        target.mkdir(exist_ok=True)
+        result = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount here ({result.stderr.strip() or result.returncode})")
+        try:
+            yield target
+        finally:
+            subprocess.run(["umount", "-l", str(target)], check=False)
+
+    return mounted

@@ -1,5 +1,7 @@
 """The rpo-jax command line, as a user runs it."""
+import errno
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -94,3 +96,156 @@ def test_a_bug_inside_jax_shows_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "_negatives", lambda args: jnp.split(jnp.ones(3), 2))
     with pytest.raises(ValueError, match="equal division"):
         cli.main(["negatives", "--config", "configs/tiny.py", "--workdir", "unused"])
+
+
+# ---- faults -------------------------------------------------------------------------------------
+
+def _error_line(err):
+    assert "Traceback" not in err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in pathlib.Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def old_output(tmp_path):
+    """An earlier output folder that a failed --overwrite must leave as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00-00-earlier.png").write_bytes(b"earlier output")
+    return out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-images", "-1"], "--num-images must be an integer >= 1, got -1"),
+    (["--num-images", "0"], "--num-images must be an integer >= 1, got 0"),
+    (["--height", "-16"], "--height must be >= 8"),
+    (["--width", "0"], "--width must be >= 8"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be finite and >= 0, got nan"),
+    (["--guidance-scale", "-1"], "--guidance-scale must be finite and >= 0"),
+    (["--steps", "0"], "--steps must be an integer >= 1"),
+    (["--height", "36"], "height must be a positive multiple of"),  # checked once loaded
+])
+def test_sample_refuses_bad_values_and_keeps_the_old_output(tiny_pipeline_dirs, old_output, flags,
+                                                           message, capsys):
+    before = _files(old_output)
+    assert main(["sample", "--pretrained", str(tiny_pipeline_dirs["sd21"]), "--prompt", "a dog",
+                 "--out", str(old_output), "--overwrite", "--steps", "2"] + flags) == 2
+    assert message in _error_line(capsys.readouterr().err)
+    assert _files(old_output) == before
+    assert sorted(p.name for p in old_output.parent.iterdir()) == ["out"]  # no temporary left
+
+
+def test_sample_warns_when_a_prompt_is_cut(tiny_pipeline_dirs, tmp_path, capsys):
+    long = " ".join(["dog"] * 200)  # 200 tokens + 2 special: 125 past the 77-token window
+    # the shapes of test_tiny_sample_export (2 prompts x 2 images, 3 steps): its compiled sampler
+    assert main(["sample", "--pretrained", str(tiny_pipeline_dirs["sd15"]), "--prompt", long,
+                 "--prompt", "a dog", "--num-images", "2", "--steps", "3",
+                 "--out", str(tmp_path / "o")]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "are dropped" in x]
+    assert len(lines) == 1 and "is 202 tokens" in lines[0] and "the last 125 are dropped" in lines[0]
+
+
+@pytest.mark.parametrize("raised", [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "FILE"),
+    # what safetensors raises on a full disk (its own type; the OS's text inside)
+    RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                 'message: "No space left on device" })'),
+], ids=["OSError", "SafetensorError"])
+def test_a_full_disk_during_export_overwrite_is_one_line_and_keeps_the_old_export(
+        tiny_pipeline_dirs, old_output, monkeypatch, raised, capsys):
+    """Simulated ENOSPC in the middle of writing the weights (see the tmpfs test below for a real
+    full file system): exit 2, one line with the cause, the earlier export unchanged."""
+    from rpo_jax.weights import io
+
+    real = io.save_state_dict
+
+    def no_space(state_dict, path):
+        if isinstance(raised, OSError):
+            raise OSError(raised.errno, raised.strerror, str(path))
+        raise raised
+
+    def full_disk(state_dict, path):
+        real(state_dict, path)  # the first file fits; then the disk is full
+        monkeypatch.setattr(io, "save_state_dict", no_space)
+
+    monkeypatch.setattr(io, "save_state_dict", full_disk)
+    before = _files(old_output)
+    assert main(["export", "--pretrained", str(tiny_pipeline_dirs["sd21"]), "--out", str(old_output),
+                 "--overwrite"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "No space left on device" in line
+    if isinstance(raised, OSError):
+        assert f".{old_output.name}.partial-" in line  # the path being written is named
+    assert _files(old_output) == before
+    assert sorted(p.name for p in old_output.parent.iterdir()) == ["out"]
+
+
+def test_a_really_full_file_system_during_export_overwrite(tiny_pipeline_dirs, tmp_path, mount, capsys):
+    """A tmpfs 1.5× one export: the first export fits, the second (written beside the first
+    before the swap) runs out of space: exit 2, one line, the first export unchanged."""
+    assert main(["export", "--pretrained", str(tiny_pipeline_dirs["sd21"]), "--out",
+                 str(tmp_path / "probe")]) == 0
+    size = sum(p.stat().st_size for p in (tmp_path / "probe").rglob("*") if p.is_file())
+    with mount(tmp_path / "small", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 1024 + 64}k",
+                  "tmpfs") as small:
+        args = ["export", "--pretrained", str(tiny_pipeline_dirs["sd21"]), "--out", str(small / "out")]
+        assert main(args) == 0
+        before = _files(small / "out")
+        capsys.readouterr()
+        assert main(args + ["--overwrite"]) == 2
+        line = _error_line(capsys.readouterr().err)
+        assert "No space left on device" in line
+        assert _files(small / "out") == before
+        assert sorted(p.name for p in small.iterdir()) == ["out"]
+
+
+def test_a_read_only_output_is_one_line(tiny_pipeline_dirs, tmp_path, mount, capsys):
+    """A real read-only bind mount (root cannot write there either)."""
+    (tmp_path / "src").mkdir()
+    with mount(tmp_path / "ro", "--bind", "-o", "ro", str(tmp_path / "src")) as ro:
+        if os.access(ro, os.W_OK) and subprocess.run(["touch", str(ro / "x")]).returncode == 0:
+            pytest.skip("the bind mount is writable here")
+        assert main(["tiny-pipeline", "--out", str(ro / "sd")]) == 2
+        line = _error_line(capsys.readouterr().err)
+        assert str(ro) in line and "Read-only file system" in line
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    """--debug (or RPO_JAX_DEBUG=1) turns the one-line error back into the exception."""
+    args = ["sample", "--pretrained", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    with pytest.raises(ValueError, match="model_index.json"):
+        main(args + ["--debug"])
+    with pytest.raises(ValueError, match="model_index.json"):
+        main(["--debug"] + args)
+    monkeypatch.setenv("RPO_JAX_DEBUG", "1")
+    with pytest.raises(ValueError, match="model_index.json"):
+        main(args)
+
+
+def test_a_permission_error_is_one_line_naming_the_path(monkeypatch, tmp_path, capsys):
+    """Simulated (root is not stopped by chmod): PermissionError from wherever it is raised."""
+    path = tmp_path / "photo.png"
+
+    def unreadable(args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(cli, "_negatives", unreadable)
+    assert cli.main(["negatives", "--config", "configs/tiny.py", "--workdir", "unused"]) == 2
+    assert _error_line(capsys.readouterr().err) == f"error: {path}: Permission denied (PermissionError)"
+
+
+def test_a_library_error_with_the_os_text_is_one_line_ending_in_the_cause():
+    """TensorStore on a full disk (Orbax checkpoints): its own error type, the path and the OS
+    text inside a long message."""
+    long = ('RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/1.orbax-checkpoint-tmp/'
+            'state/_sharding": ' + "x" * 400 + " No space left on device [source locations='...']")
+    line = cli.one_line_error(ValueError(long))
+    assert line.startswith("RESOURCE_EXHAUSTED: Error writing local file \"/w/checkpoints/1")
+    assert line.endswith("No space left on device") and "\n" not in line
+    assert cli.one_line_error(ValueError("a shape mismatch inside a library")) is None

@@ -28,7 +28,8 @@ METRICS = {"dino", "clip_i", "clip_t", "reward@0.3", "reward@0.5", "reward@0.7"}
 def trained(tmp_path_factory):
     """A finished tiny training run (its config.json carries the test settings above)."""
     workdir = tmp_path_factory.mktemp("eval-run")
-    summary = job_lib.Job(config_lib.resolve(CONFIG, OVERRIDES), workdir).train(progress=False)
+    with job_lib.Job(config_lib.resolve(CONFIG, OVERRIDES), workdir) as job:
+        summary = job.train(progress=False)
     return workdir, summary
 
 

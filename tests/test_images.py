@@ -590,3 +590,13 @@ def test_every_listed_suffix_is_read_and_other_files_are_skipped(tmp_path):
         assert got.shape == (12, 16, 3), path.name
         assert all(close(a, b, tol=24) for a, b in zip(quadrant_colours(got),
                                                       quadrant_colours(upright))), path.name
+
+
+def test_list_images_skips_broken_links_with_a_warning(tmp_path):
+    save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")            # a good link: kept
+    os.symlink(tmp_path / "missing.png", tmp_path / "dangling.png")
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
+    with pytest.warns(UserWarning, match=r"skipping 2 symbolic link\(s\).*: dangling.png, loop.png"):
+        got = [p.name for p in list_images(tmp_path)]
+    assert got == ["a.png", "b.png"]

@@ -58,7 +58,8 @@ def _tiny_config(**overrides):
 
 def _negatives(config, workdir, progress=False):
     """The `rpo-jax negatives` job."""
-    return job_lib.Job(config, workdir, record_config=False).negatives(progress)
+    with job_lib.Job(config, workdir, record_config=False) as job:
+        return job.negatives(progress)
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +134,32 @@ def test_truncated_reference_photo_is_named(tmp_path):
         _negatives(_tiny_config(**{"subject.reference_dir": str(photos)}),
                                            tmp_path / "w", progress=False)
     assert not (tmp_path / "w" / "negatives").exists()
+
+
+def test_a_moved_workdir_reuses_its_negatives(tiny_run, tmp_path, capsys):
+    """Copied without keeping modification times, to another path: the tiny: assets and photos
+    are fingerprinted by content and names relative to their folders, so nothing is regenerated."""
+    import shutil
+
+    logs.configure()
+    workdir, manifest = tiny_run
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(workdir, moved, copy_function=shutil.copy)  # new mtimes
+    image = moved / "negatives" / manifest["negatives"][0]["file"]
+    stamp = image.stat().st_mtime_ns
+    again = _negatives(_tiny_config(), moved, progress=True)
+    assert "reusing" in capsys.readouterr().out
+    assert again["fingerprint"] == manifest["fingerprint"] and image.stat().st_mtime_ns == stamp
+
+
+def test_an_unreadable_photo_is_one_line_naming_it(tmp_path, monkeypatch):
+    """Simulated (root reads any file whatever its mode): open() raises PermissionError."""
+    photo = tmp_path / "00.jpg"
+    photo.write_bytes(b"x")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(preference, "open", denied, raising=False)
+    with pytest.raises(ValueError, match=f"^{photo}: cannot read file \\(Permission denied\\)$"):
+        preference._file_digest(photo)

@@ -60,3 +60,14 @@ def test_bad_arguments_are_named(pipe, changes):
     prompts = kw.pop("prompts")
     with pytest.raises(ValueError, match="num_images >= 1 and batch_size >= 1"):
         sampling.sample_image_sets(pipe, pipe.unet_params, prompts, **kw)
+
+
+def test_a_diverged_unet_gives_an_error_not_black_images(pipe):
+    """NaN params (a diverged run): the NaN would become 0 in uint8; the sampler says so instead.
+    Validation turns this into a NaN reward, so such a UNet is never kept as best."""
+    nan_params = jax.tree.map(lambda x: x * np.nan, pipe.unet_params)
+    with pytest.raises(sampling.NonFiniteImages, match="NaN or inf pixels in 3 of 3 images"):
+        sampling.sample_image_sets(pipe, nan_params, PROMPTS, batch_size=3, **KW)
+    with pytest.raises(sampling.NonFiniteImages, match="'a red"):
+        sampling.finite_uint8(np.array([[[[np.inf, 0, 0]]]]), repr(PROMPTS[1]))
+    np.testing.assert_array_equal(sampling.finite_uint8(np.zeros((1, 1, 1, 3)), "x"), 128)

@@ -169,7 +169,11 @@ def workdir_config(workdir: str | os.PathLike,
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {path.parent} is not an rpo-jax training "
                                 "workdir (pass --config FILE.py to evaluate with a config file)")
-    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); the workdir's config is damaged") from e
+    config = ml_collections.ConfigDict(_tuples(saved))
     config = apply_overrides(config, overrides)
     config.lock()
     return config

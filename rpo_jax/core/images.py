@@ -240,7 +240,8 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     Files count as images by suffix (:data:`IMAGE_SUFFIXES`, case-insensitive); hidden files
     (``.DS_Store``, macOS ``._IMG_1.jpg`` resource forks, ...) and other files are skipped. A file
     with an image suffix that is not really an image is kept here and fails loudly in
-    :func:`load_image`. Raises :class:`ImageError` naming ``folder`` if it does not exist, is
+    :func:`load_image`. Symbolic links that lead nowhere (dangling, or a loop) are skipped with a
+    warning listing them. Raises :class:`ImageError` naming ``folder`` if it does not exist, is
     not a folder, or holds no images (the message lists what it does hold).
     """
     folder = Path(folder)
@@ -252,9 +253,12 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         entries = sorted(folder.iterdir())
     except OSError as e:
         raise ImageError(f"{folder}: cannot list folder ({e.strerror or e})") from e
-    images, others, unsupported = [], [], []
+    images, others, unsupported, broken_links = [], [], [], []
     for p in entries:
         if p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():  # exists() is False for dangling links and loops
+            broken_links.append(p.name)
             continue
         suffix = p.suffix.lower()
         if suffix in IMAGE_SUFFIXES and p.is_file():
@@ -263,6 +267,9 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
             unsupported.append(p.name)
         else:
             others.append(p.name + ("/" if p.is_dir() else ""))
+    if broken_links:
+        warnings.warn(f"{folder}: skipping {len(broken_links)} symbolic link(s) that lead to no "
+                      f"file (dangling or a loop): {', '.join(broken_links)}", stacklevel=2)
     if unsupported:
         msg = (f"{folder}: skipping {len(unsupported)} photo(s) in unsupported formats "
                f"({', '.join(unsupported[:5])}{', ...' if len(unsupported) > 5 else ''}); "

@@ -3,9 +3,14 @@ and ``dreambench``.
 
 The walk of ``rpo-jax train`` (:func:`train_and_evaluate`), which a reader can follow top down:
 
-1. ``Job(config, workdir)``: check the config, resolve its ``tiny:`` / ``toy:`` / folder specs
-   once (:mod:`rpo_jax.jobs.assets`; the evaluation encoders' when first needed), compare the config with ``workdir/config.json`` (only the
-   keys in :data:`rpo_jax.rpo.train.RESUMABLE_CHANGES` may differ) and write it, build the mesh;
+1. ``Job(config, workdir)``: check everything that can be checked before the workdir gets its
+   first file (the config, the mesh against the devices, the folder specs, the config against
+   ``workdir/config.json``: only the keys in :data:`rpo_jax.rpo.train.RESUMABLE_CHANGES` may
+   differ once a checkpoint exists), then lock the workdir (:mod:`rpo_jax.core.workdir_lock`:
+   one run per workdir, for the job's life), make the ``tiny:`` assets
+   (:mod:`rpo_jax.jobs.assets`; the evaluation encoders' when first needed), check the pipeline
+   folder and decode every reference photo, and only then write config.json (unless it is
+   already identical: a finished run's read-only workdir is not written);
 2. ``job.train()``: unless the run has finished, load the base pipeline and the reward model
    (once, in :class:`Models`), make or reuse the preference data
    (:func:`rpo_jax.rpo.preference.generate_negatives`) and train with validation-based model
@@ -23,18 +28,19 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 import ml_collections
 
-from rpo_jax.core import fsutil, logs, partitioning
+from rpo_jax.core import fsutil, images as images_lib, logs, partitioning, workdir_lock
 from rpo_jax.evaluation import dreambench, heldout, report as report_lib
 from rpo_jax.jobs import assets
 from rpo_jax.reward import encoders
 from rpo_jax.rpo import preference, train as train_lib
-from rpo_jax.sd.pipeline import load_pipeline
+from rpo_jax.sd.pipeline import check_pipeline_folder, load_pipeline
 
 log = logs.get_logger(__name__)
 
@@ -42,6 +48,7 @@ CONFIG_FILE = "config.json"
 # Config keys naming folders a job always needs, resolved when it starts; the optional ones
 # (test.clip_model, test.dino_model, test.oracle) are resolved when first used.
 PATH_KEYS = ("pretrained", "reward_model", "subject.reference_dir")
+MIN_PHOTOS = 3  # the method expects 3-6 reference photos; fewer trains, with a warning
 
 
 class Models:
@@ -87,14 +94,17 @@ def _get(config, key: str) -> Any:
 
 
 class Job:
-    """A config and a workdir, with the specs resolved, the mesh built and the models at hand.
+    """A config and a workdir, with the specs resolved, the mesh built, the workdir locked and the
+    models at hand. Use it as a context manager (or call :meth:`close`) to release the lock.
 
     Args:
       config: a locked ConfigDict of the schema in configs/common.py.
-      workdir: the run's folder (created).
+      workdir: the run's folder (created once everything is checked).
       models: shared :class:`Models` (a new one by default).
       record_config: check the config against ``workdir/config.json`` and write it (a training
         run's workdir); False for jobs that only read a workdir (eval) or only make negatives.
+
+    Raises :class:`rpo_jax.core.workdir_lock.WorkdirBusy` when another run holds the workdir.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -102,17 +112,51 @@ class Job:
         self.config = config
         self.workdir = Path(workdir).absolute()
         self.models = models if models is not None else Models()
+        self.lock: workdir_lock.WorkdirLock | None = None
+        # 1. what needs no file in the workdir
         if record_config:
             train_lib.check_config(config)
         else:
             preference.check_config(config)
         partitioning.rules_from_config(config.logical_axis_rules)  # fail early on bad rules
-        self.paths: dict[str, Path | None] = {}  # config key → folder, filled by path()
-        for key in PATH_KEYS:
-            self.path(key)
-        if record_config:
-            self._record_config()
         self.mesh = partitioning.make_mesh(tuple(config.mesh))
+        self.paths: dict[str, Path | None] = {}  # config key → folder, filled by path()
+        self._check_folders(made_here=False)
+        config_json = fsutil.jsonable(config)
+        if record_config:
+            self._check_recorded_config(config_json)
+        # 2. the lock, the tiny: assets (made in the workdir) and their checks; then config.json
+        self.lock = workdir_lock.WorkdirLock(self.workdir)
+        try:
+            self._check_folders(made_here=True)
+            if record_config:
+                self._record_config(config_json)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_folders(self, made_here: bool) -> None:
+        """Resolve the PATH_KEYS folders made under the workdir (``tiny:``; ``made_here``) or the
+        others, and check them: the pipeline folder's layout, every reference photo decoded."""
+        for key in PATH_KEYS:
+            if str(_get(self.config, key)).startswith("tiny:") != made_here:
+                continue
+            folder = self.path(key)
+            if key == "pretrained":
+                check_pipeline_folder(folder)
+            elif key == "subject.reference_dir":
+                check_photos(folder)
+
+    def close(self) -> None:
+        """Release the workdir lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def path(self, key: str) -> Path | None:
         """The folder config ``key`` names, resolved on first use (the evaluation encoders and
@@ -123,16 +167,32 @@ class Job:
                                if spec or key in PATH_KEYS else None)
         return self.paths[key]
 
-    def _record_config(self) -> None:
+    def _recorded_config(self) -> dict | None:
         path = self.workdir / CONFIG_FILE
-        config_json = fsutil.jsonable(self.config)
-        if path.is_file():
-            diff = train_lib.config_diff(json.loads(path.read_text()), config_json)
-            if diff:
-                raise ValueError(f"{self.workdir} holds a run with a different config (keys {diff}); "
-                                 "resume with the same config or use a new --workdir")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        fsutil.write_json(config_json, path, sort_keys=True)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); move it away to start this workdir "
+                             "afresh") from e
+
+    def _check_recorded_config(self, config_json: dict) -> None:
+        """Refuse a config that differs from the workdir's (beyond RESUMABLE_CHANGES) once the run
+        has saved a checkpoint; before that (a failed first attempt) the new config replaces it."""
+        old = self._recorded_config()
+        diff = train_lib.config_diff(old, config_json) if old is not None else []
+        if diff and train_lib.has_checkpoints(self.workdir):
+            raise ValueError(f"{self.workdir} holds a run with a different config (keys {diff}); "
+                             "resume with the same config or use a new --workdir")
+        if diff:
+            log.info(f"[job] {self.workdir / CONFIG_FILE}: replacing the config of an attempt that "
+                     f"saved no checkpoint (keys {diff})")
+
+    def _record_config(self, config_json: dict) -> None:
+        """Write config.json unless it already holds exactly this config."""
+        if self._recorded_config() != json.loads(json.dumps(config_json)):
+            fsutil.write_json(config_json, self.workdir / CONFIG_FILE, sort_keys=True)
 
     # ---- the models, each loaded on first use ----------------------------------------------
 
@@ -159,8 +219,9 @@ class Job:
         """Make (or reuse) ``workdir/negatives``; returns its manifest."""
         pretrained, reward_dir = self.paths["pretrained"], self.paths["reward_model"]
         subject = preference.subject_from_config(self.config, self.paths["subject.reference_dir"])
-        identity = {"pretrained": [str(pretrained), preference.folder_fingerprint(pretrained)],
-                    "reward_model": [str(reward_dir), preference.folder_fingerprint(reward_dir)]}
+        # by content, not place: a copied or moved workdir (with its tiny: assets) reuses them
+        identity = {"pretrained": preference.folder_fingerprint(pretrained),
+                    "reward_model": preference.folder_fingerprint(reward_dir)}
         return preference.generate_negatives(
             self.pipeline, self.reward_encoder, subject, self.workdir,
             preference.negatives_settings(self.config), identity=identity, mesh=self.mesh,
@@ -220,7 +281,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     """``rpo-jax train``: negatives → training → report (see the module docstring); returns the
     training summary. A run that had already finished, with its report written, shows the report
     instead of evaluating again."""
-    job = Job(config, workdir, models=models)
+    with Job(config, workdir, models=models) as job:
+        return _train_and_report(job, progress)
+
+
+def _train_and_report(job: Job, progress: bool) -> dict:
+    config = job.config
     already = train_lib.finished_summary(config, job.workdir) is not None
     summary = job.train(progress)
     if summary["interrupted"] or config.test.num_images < 1:
@@ -271,18 +337,32 @@ def run_dreambench(config, workdir: str | os.PathLike, dataset: str | os.PathLik
             continue
         log.info(f"[dreambench] {n}/{len(mine)} {s.name} ({s.class_noun}, "
               f"{'live' if s.live else 'object'}): training in {sub_workdir}")
-        job = Job(heldout.subject_config(config, s.name, s.class_noun, s.live, folder / s.name),
-                  sub_workdir, models=models)
-        summary = job.train(progress)
-        if summary["interrupted"]:
-            log.info(f"[dreambench] {s.name}: training interrupted; re-run the same command to resume")
-            interrupted = True
-            break
-        job.evaluate(progress=progress)
+        with Job(heldout.subject_config(config, s.name, s.class_noun, s.live, folder / s.name),
+                 sub_workdir, models=models) as job:
+            summary = job.train(progress)
+            if summary["interrupted"]:
+                log.info(f"[dreambench] {s.name}: training interrupted; re-run the same command to "
+                         "resume")
+                interrupted = True
+                break
+            job.evaluate(progress=progress)
     all_names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     results = heldout.write_summary(config, workdir, folder, all_names, config_name=config_name)
     results["interrupted"] = interrupted
     return results
+
+
+def check_photos(folder: Path) -> None:
+    """Decode every reference photo in ``folder`` (a bad one is a one-line error naming it) and
+    warn, listing them, when there are fewer than :data:`MIN_PHOTOS` or links were skipped."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, paths = images_lib.load_reference_images(folder)
+    for w in caught:
+        log.warning(f"[photos] {w.message}")
+    if len(paths) < MIN_PHOTOS:
+        log.warning(f"[photos] {folder} holds {len(paths)} reference photo(s) "
+                    f"({', '.join(p.name for p in paths)}); RPO expects 3-6 photos of the subject")
 
 
 __all__ = ["Models", "Job", "train_and_evaluate", "run_dreambench", "PATH_KEYS"]

@@ -91,25 +91,25 @@ def run_arm(config, arm: str, seed: int, workdir: Path, progress: bool,
     swept = select is not None and select != float(c.reward.lambda_val)
     label = heldout.default_label(base=arm == "base", lambda_val=select if swept else None)
     images_path = run_dir / heldout.EVAL_DIR / label / heldout.IMAGES_NAME
-    job = job_lib.Job(c, run_dir, models=models, record_config=arm != "base")
-    if result_path.is_file() and images_path.is_file():
-        result = json.loads(result_path.read_text())
-        images = np.load(images_path)
-    else:
-        t0 = time.perf_counter()
-        if arm == "base":
-            out = job.evaluate(base=True, label=label, progress=progress)
-            best_step = 0
+    with job_lib.Job(c, run_dir, models=models, record_config=arm != "base") as job:
+        if result_path.is_file() and images_path.is_file():
+            result = json.loads(result_path.read_text())
+            images = np.load(images_path)
         else:
-            job.train(progress)
-            out = job.evaluate(label=label, lambda_val=select if swept else None, progress=progress)
-            best_step = out["scores"]["model"]["step"]
-        images = out["images"]
-        result = {"arm": arm, "seed": seed, "best_step": best_step, **out["scores"]["mean"],
-                  "num_images": int(np.prod(images.shape[:2])),
-                  "seconds": round(time.perf_counter() - t0, 1)}
-    scores = report.oracle_scores(job.path("test.oracle"), images, heldout.test_prompts(c))
-    result.update({k: scores[k] for k in ("subject_rate", "scene_accuracy", "subject_prob")})
+            t0 = time.perf_counter()
+            if arm == "base":
+                out = job.evaluate(base=True, label=label, progress=progress)
+                best_step = 0
+            else:
+                job.train(progress)
+                out = job.evaluate(label=label, lambda_val=select if swept else None, progress=progress)
+                best_step = out["scores"]["model"]["step"]
+            images = out["images"]
+            result = {"arm": arm, "seed": seed, "best_step": best_step, **out["scores"]["mean"],
+                      "num_images": int(np.prod(images.shape[:2])),
+                      "seconds": round(time.perf_counter() - t0, 1)}
+        scores = report.oracle_scores(job.path("test.oracle"), images, heldout.test_prompts(c))
+        result.update({k: scores[k] for k in ("subject_rate", "scene_accuracy", "subject_prob")})
     fsutil.write_json(result, result_path, sort_keys=True)
     return result
 

@@ -126,19 +126,38 @@ def draw_labels(key: jax.Array, probabilities: jnp.ndarray, mode: str = "sampled
 
 # ---- fingerprints ---------------------------------------------------------------------------
 
-def _file_digest(path: Path) -> str:
+SAMPLE_BYTES = 1 << 20  # folder_fingerprint hashes this much at the start and end of each file
+
+
+def _file_digest(path: Path, sample: int | None = None) -> str:
+    """sha256 of the file's bytes (with ``sample``: of its size and its first and last
+    ``sample`` bytes); an unreadable file is an :class:`rpo_jax.core.images.ImageError`-style
+    one-line ValueError naming it."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            if sample is None:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                size = os.fstat(f.fileno()).st_size
+                h.update(str(size).encode())
+                h.update(f.read(sample))
+                if size > sample:
+                    f.seek(max(sample, size - sample))
+                    h.update(f.read(sample))
+    except OSError as e:
+        raise images_lib.ImageError(f"{path}: cannot read file ({e.strerror or e})") from e
     return h.hexdigest()
 
 
 def folder_fingerprint(folder: str | os.PathLike) -> list:
-    """Cheap identity of a model folder: every file's relative path, size and mtime."""
+    """Identity of a model folder by content, not place: every file's path relative to
+    ``folder`` and a digest of its size, first and last MiB. A copied or moved folder (or a
+    workdir holding its ``tiny:`` assets) keeps its fingerprint; changed weights change it."""
     folder = Path(folder)
-    return sorted([str(p.relative_to(folder)), p.stat().st_size, int(p.stat().st_mtime)]
-                  for p in folder.rglob("*") if p.is_file())
+    return sorted([p.relative_to(folder).as_posix(), _file_digest(p, SAMPLE_BYTES)]
+                  for p in folder.rglob("*") if p.is_file() and p.name != ".complete")
 
 
 def fingerprint(settings: dict) -> str:
@@ -176,8 +195,9 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
     Args:
       pipe: the frozen base :class:`rpo_jax.sd.pipeline.StableDiffusion`.
       encoder: the reward's dual encoder.
-      identity: JSON-able description of the pipeline and reward model (e.g. their
-        :func:`folder_fingerprint`), part of the fingerprint so changed weights regenerate.
+      identity: JSON-able description of the pipeline and reward model (their
+        :func:`folder_fingerprint`: content, not place), part of the fingerprint so changed
+        weights regenerate and a moved workdir reuses its negatives.
       mesh: optional device mesh; sampling batches are sharded over its 'data' (and 'fsdp') axes.
     """
     settings.check()
@@ -277,7 +297,11 @@ class PreferenceData:
         if not path.is_file():
             raise FileNotFoundError(f"no preference data: {path} does not exist "
                                     "(run `rpo-jax negatives` first)")
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); delete {folder} to make the "
+                             "negatives again") from e
         load = lambda recs: np.stack([images_lib.load_image(folder / r["file"]) for r in recs])
         return cls(
             references=load(manifest["references"]),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import time
@@ -45,15 +46,20 @@ from tqdm.auto import tqdm
 from rpo_jax.core import fsutil, images as images_lib, logs, partitioning
 from rpo_jax.models import base, unet as unet_lib, vae as vae_lib
 from rpo_jax.reward import harmonic as reward_lib
-from rpo_jax.rpo import objective, preference
-from rpo_jax.sd.sampling import sample_image_sets
+from rpo_jax.rpo import checkpoints as ckpt_lib, objective, preference
+from rpo_jax.sd.sampling import NonFiniteImages, sample_image_sets
 
 log = logs.get_logger(__name__)
 
 # Config keys that may change between runs in the same workdir (everything else must match).
 RESUMABLE_CHANGES = ("train.max_steps", "eval.early_stop_patience", "train.checkpoint_every",
-                     "train.log_every", "train.micro_batch_loop")
+                     "train.log_every", "train.micro_batch_loop", "train.on_nonfinite")
 MICRO_BATCH_LOOPS = ("auto", "unroll", "scan")
+ON_NONFINITE = ("stop", "skip_step")
+# Bit i of the step's metrics["nonfinite"] is set when NONFINITE_TERMS[i] is NaN or inf.
+NONFINITE_TERMS = (("l_sim", "L_sim"), ("l_pref", "L_pref"), ("grad_norm", "the gradient"),
+                   ("update_norm", "the update"))
+NonFiniteError = ckpt_lib.NonFiniteError
 SUMMARY_FILE = "summary.json"
 
 
@@ -76,16 +82,18 @@ def check_config(config) -> None:
         if getattr(t, key) < 1:
             raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     for key in ("lr", "eps"):
-        if not getattr(t, key) > 0:
-            raise ValueError(f"train.{key} must be > 0, got {getattr(t, key)}")
+        if not (getattr(t, key) > 0 and math.isfinite(getattr(t, key))):
+            raise ValueError(f"train.{key} must be finite and > 0, got {getattr(t, key)}")
     for key in ("weight_decay", "max_grad_norm", "warmup_steps"):
-        if getattr(t, key) < 0:
-            raise ValueError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+        if not (getattr(t, key) >= 0 and math.isfinite(getattr(t, key))):
+            raise ValueError(f"train.{key} must be finite and >= 0, got {getattr(t, key)}")
     for key in ("b1", "b2"):
         if not 0 <= getattr(t, key) < 1:
             raise ValueError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
     if t.micro_batch_loop not in MICRO_BATCH_LOOPS:
         raise ValueError(f"train.micro_batch_loop must be one of {MICRO_BATCH_LOOPS}, got {t.micro_batch_loop!r}")
+    if t.on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"train.on_nonfinite must be one of {ON_NONFINITE}, got {t.on_nonfinite!r}")
     if t.ref_params_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"train.ref_params_dtype must be float32 or bfloat16, got {t.ref_params_dtype!r}")
     e = config.eval
@@ -197,11 +205,16 @@ def unroll_micro_batches(loop: str, backend: str | None = None) -> bool:
 def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.ndarray, *,
                apply_fn, alphas_cumprod, obj_cfg: objective.ObjectiveConfig,
                tx: optax.GradientTransformation, term_grad_norms: bool,
-               batch_sharding: NamedSharding | None, unroll: bool = True) -> tuple[TrainState, dict]:
+               batch_sharding: NamedSharding | None, unroll: bool = True,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
     """One optimizer update from ``pair_idx`` (grad_accum, B) pair numbers; pure and jittable.
 
     unroll (static): with grad_accum > 1, write the micro-batches out one after another (True)
     or loop over them with ``lax.scan`` (False); see :func:`unroll_micro_batches`.
+    metrics["nonfinite"] (int32 scalar, computed on device from scalars the step has anyway):
+    bit i set when term i of :data:`NONFINITE_TERMS` (L_sim, L_pref, gradient norm, update norm;
+    any micro-batch) is NaN or inf; 0 for a healthy step. skip_nonfinite (static): then keep
+    params and optimizer state unchanged (the step counter still advances).
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     num_neg = cache["neg_mean"].shape[0]
@@ -252,7 +265,24 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["update_norm"] = optax.global_norm(updates)
+    metrics["nonfinite"] = nonfinite_bits(metrics)
+    if skip_nonfinite:
+        keep = metrics["nonfinite"] != 0
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(keep, old, new),
+                                         (params, opt_state), (state.params, state.opt_state))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def nonfinite_bits(metrics: dict) -> jnp.ndarray:
+    """int32 scalar: bit i set when ``metrics[NONFINITE_TERMS[i][0]]`` is NaN or inf."""
+    bits = [(~jnp.isfinite(metrics[k])).astype(jnp.int32) << i
+            for i, (k, _) in enumerate(NONFINITE_TERMS)]
+    return functools.reduce(jnp.bitwise_or, bits)
+
+
+def nonfinite_names(bits: int) -> list[str]:
+    """The names of the terms set in a ``metrics["nonfinite"]`` value, e.g. ['L_pref', 'the gradient']."""
+    return [name for i, (_, name) in enumerate(NONFINITE_TERMS) if int(bits) >> i & 1]
 
 
 def jit_train_step(config, unet_module: nn.Module, schedule, mesh: jax.sharding.Mesh,
@@ -272,6 +302,7 @@ def jit_train_step(config, unet_module: nn.Module, schedule, mesh: jax.sharding.
                                                    schedule.num_train_timesteps), tx=make_optimizer(config),
                           term_grad_norms=t.term_grad_norms,
                           unroll=unroll_micro_batches(t.micro_batch_loop, backend),
+                          skip_nonfinite=t.on_nonfinite == "skip_step",
                           batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp")))),
         in_shardings=(state_shardings, param_shardings, cache_shardings, replicated),
         out_shardings=(state_shardings, replicated), donate_argnums=(0,))
@@ -347,8 +378,16 @@ class Validator:
 
     def __call__(self, params) -> tuple[float, list[float], np.ndarray, dict[float, float]]:
         """(mean r_{λ_val}, its per-prompt means, uint8 images (P·n, H, W, 3), {λ: mean r_λ} for
-        the sweep's λ)."""
-        images = sample_image_sets(self.pipe, params, self.prompts, mesh=self.mesh, **self.sampling)
+        the sweep's λ). A UNet whose samples hold NaN or inf scores NaN (never ranked best), with
+        black images."""
+        try:
+            images = sample_image_sets(self.pipe, params, self.prompts, mesh=self.mesh, **self.sampling)
+        except NonFiniteImages as e:
+            log.warning(f"[eval] {e}")
+            r = self.sampling["resolution"]
+            nan = float("nan")
+            return (nan, [nan] * len(self.prompts), np.zeros((len(self.prompts) * self.n, r, r, 3), np.uint8),
+                    {lam: nan for lam in self.sweep})
         images = images.reshape((-1,) + images.shape[2:])
         embeds = self.encoder.embed_images(images)
         s_img = reward_lib.image_similarity(embeds, self.ref_embeds)
@@ -399,7 +438,8 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in values.items():
-            if isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0:
+            if ((isinstance(v, (int, float, np.floating, np.integer)) or np.ndim(v) == 0)
+                    and np.isfinite(float(v))):  # NaN / inf stay in metrics.jsonl only
                 self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
 
     def image(self, step: int, tag: str, grid_path: Path) -> None:
@@ -436,7 +476,11 @@ def _best_manager(workdir: Path, lam: float | None = None) -> ocp.CheckpointMana
 def load_best_params(workdir: str | os.PathLike, abstract_params: Any,
                      lambda_val: float | None = None) -> tuple[Any, dict]:
     """The best UNet params of a finished (or running) workdir, and their meta (step, reward,
-    lambda_val); with ``lambda_val``, the best by r_λ of that ``eval.lambda_sweep`` entry."""
+    lambda_val); with ``lambda_val``, the best by r_λ of that ``eval.lambda_sweep`` entry.
+
+    Raises FileNotFoundError when there is none yet, and a one-line
+    :class:`rpo_jax.rpo.checkpoints.CheckpointError` naming the folder when it cannot be read or
+    holds NaN / inf values (a diverged run of an older version)."""
     workdir = Path(workdir).absolute()
     folder = best_dir(workdir, lambda_val)
     if lambda_val is not None and not folder.is_dir():
@@ -447,12 +491,25 @@ def load_best_params(workdir: str | os.PathLike, abstract_params: Any,
     if step is None:
         raise FileNotFoundError(f"{folder} holds no checkpoint: the run has not finished "
                                 "a validation yet")
-    restored = best.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    restored = ckpt_lib.restore_step(best, step, ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()),
+        "the best UNet")
+    bad = ckpt_lib.nonfinite_leaves(restored.params)
+    if bad:
+        raise ckpt_lib.CheckpointError(
+            f"{folder / str(step)}: the best UNet holds NaN or inf values in {len(bad)} of "
+            f"{len(jax.tree.leaves(restored.params))} tensors (e.g. {bad[0]}): the run diverged; "
+            "train again with a lower train.lr")
     return restored.params, restored.meta
 
 
 # ---- the job --------------------------------------------------------------------------------------
+
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+    """Whether ``workdir/checkpoints`` holds a saved step (a run that has trained)."""
+    folder = Path(workdir) / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
 
 def finished_summary(config, workdir: str | os.PathLike) -> dict | None:
     """The summary.json of a run in ``workdir`` that has trained ``train.max_steps`` steps, else
@@ -506,11 +563,12 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
 
     meta = {"best_reward": None, "best_step": None, "evals": [], "evals_since_best": 0,
             "sweep": {}}  # λ (str) → {"best_reward", "best_step"} for eval.lambda_sweep
-    if ckpt.latest_step() is not None:
-        abstract_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = ckpt.restore(ckpt.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    # The newest readable checkpoint; unreadable newer ones are named and moved aside.
+    resumed, restored = ckpt_lib.restore_newest_readable(ckpt, lambda: ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    if resumed is not None:
         state, meta = restored.state, restored.meta
         meta.setdefault("sweep", {})
         log.info(f"[train] resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
@@ -553,36 +611,49 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
                   "seconds": time.perf_counter() - t_eval}
         metrics_log.write(step, record, "val")
         meta["evals"].append({"step": step, "reward": mean, **by_lambda})
+        # Never rank a non-finite model (or a NaN reward) as best.
+        rankable = bool(ckpt_lib.all_finite(state.params)) and np.isfinite(mean)
+        if step > 0 and not rankable:
+            log.warning(f"[eval] step {step}: the UNet or its validation reward ({mean}) is not "
+                        "finite; not considered for best")
 
         def keep_best(manager, lam: float, reward: float) -> None:
-            manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                meta=ocp.args.JsonSave({"step": step, "reward": reward, "lambda_val": lam})))
-            manager.wait_until_finished()
+            with ckpt_lib.writing(Path(manager.directory)):
+                manager.save(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    meta=ocp.args.JsonSave({"step": step, "reward": reward, "lambda_val": lam})))
+                manager.wait_until_finished()
 
-        if step > 0 and (meta["best_reward"] is None or mean > meta["best_reward"]):
+        if step > 0 and rankable and (meta["best_reward"] is None or mean > meta["best_reward"]):
             meta.update(best_reward=mean, best_step=step, evals_since_best=0)
             keep_best(best_ckpt, validator.lam, mean)
         elif step > 0:
             meta["evals_since_best"] += 1
         for lam, reward in sweep.items():
             best = meta["sweep"].setdefault(f"{lam:g}", {"best_reward": None, "best_step": None})
-            if step > 0 and (best["best_reward"] is None or reward > best["best_reward"]):
+            if (step > 0 and rankable and np.isfinite(reward)
+                    and (best["best_reward"] is None or reward > best["best_reward"])):
                 best.update(best_reward=reward, best_step=step)
                 keep_best(sweep_ckpt[lam], lam, reward)
         if progress:
             log.info(f"[eval] step {step}: validation reward r_λ={validator.lam} {mean:.4f} "
                   f"(best {meta['best_reward']:.4f} at step {meta['best_step']})"
-                  if meta["best_reward"] is not None else f"[eval] step {step}: base model {mean:.4f}")
+                  if meta["best_reward"] is not None else f"[eval] step {step}: base model {mean:.4f}"
+                  if step == 0 else f"[eval] step {step}: validation reward {mean:.4f} (no best yet)")
 
     def save(step: int) -> None:
         if ckpt.latest_step() == step:  # already saved (e.g. SIGTERM right after a validation)
             return
+        if not bool(ckpt_lib.all_finite(state.params)):  # the step guard should have stopped first
+            raise NonFiniteError(f"step {step}: the UNet params hold NaN or inf; not saved to "
+                                 f"{workdir / 'checkpoints'} (the latest saved step is "
+                                 f"{ckpt.latest_step()}); lower train.lr")
         # The data position is a function of the step (see pair_indices); recorded for readers.
         meta["data_position"] = {"pairs_seen": step * per_step, "num_pairs": data.num_pairs,
                                  "epoch": step * per_step // data.num_pairs}
-        ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                meta=ocp.args.JsonSave(meta)))
+        with ckpt_lib.writing(workdir / "checkpoints"):
+            ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)))
 
     if start_step == 0 and not meta["evals"]:
         evaluate(0)  # the base model's validation reward: the baseline of model selection
@@ -593,13 +664,43 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     # Steps are dispatched asynchronously: time the steps between two log points (where the host
     # waits for the last one) and divide, restarting the clock after validations and saves.
     clock = {"t": time.perf_counter(), "steps": 0}
+    # (step, on-device nonfinite flags) not yet looked at: the host reads step s-1's flags after
+    # dispatching step s (one step stays in flight), and all of them before a log, validation or
+    # save, so nothing is logged as healthy, ranked or saved after a non-finite step.
+    pending: list[tuple[int, Any]] = []
+    meta.setdefault("skipped_steps", [])
+
+    def check_nonfinite(keep_in_flight: int = 0) -> None:
+        while len(pending) > keep_in_flight:
+            s, flags = pending.pop(0)
+            names = nonfinite_names(int(flags))
+            if not names:
+                continue
+            what = (names[0] + " is" if len(names) == 1
+                    else ", ".join(names[:-1]) + " and " + names[-1] + " are")
+            if t.on_nonfinite == "skip_step":
+                meta["skipped_steps"].append(s)
+                log.warning(f"[train] step {s}: {what} not finite; update skipped "
+                            "(train.on_nonfinite=skip_step)")
+                continue
+            raise NonFiniteError(
+                f"step {s}: {what} not finite (train.lr={t.lr:g}): training stopped; nothing from "
+                f"step {s} on was saved (latest checkpoint: step {ckpt.latest_step()} in "
+                f"{workdir / 'checkpoints'}, best: "
+                f"{'none yet' if meta['best_step'] is None else 'step ' + str(meta['best_step'])}); "
+                "lower train.lr, or "
+                "set train.on_nonfinite=skip_step to skip such steps")
+
     try:
         while step < t.max_steps and stop["signal"] is None:
             idx = pair_indices(step, data.num_pairs, per_step, t.seed).reshape(t.grad_accum, t.batch_size)
             state, metrics = compiled(state, ref_params, cache, jax.device_put(idx, replicated))
             step += 1
             clock["steps"] += 1
+            pending.append((step, metrics["nonfinite"]))
+            check_nonfinite(keep_in_flight=1)
             if step % t.log_every == 0 or step == t.max_steps:
+                check_nonfinite()
                 metrics = jax.device_get(metrics)
                 dt = (time.perf_counter() - clock["t"]) / clock["steps"]
                 clock.update(t=time.perf_counter(), steps=0)
@@ -609,6 +710,7 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
             bar.update(1)
             if step % config.eval.every == 0 or step == t.max_steps:
+                check_nonfinite()
                 evaluate(step)
                 save(step)
                 patience = config.eval.early_stop_patience
@@ -617,11 +719,13 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
                           f"{patience} evaluations")
                     break
             elif step % t.checkpoint_every == 0:
+                check_nonfinite()
                 save(step)
             else:
                 continue
             jax.block_until_ready(state)
             clock.update(t=time.perf_counter(), steps=0)
+        check_nonfinite()
         if stop["signal"] is not None:
             save(step)
             log.info(f"[train] SIGTERM: saved step {step} to {workdir / 'checkpoints'}; re-run the same "
@@ -629,7 +733,8 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
-        ckpt.wait_until_finished()
+        with ckpt_lib.writing(workdir / "checkpoints"):
+            ckpt.wait_until_finished()
         metrics_log.close()
 
     median_step = float(np.median(step_times[1:] or step_times)) if step_times else float("nan")
@@ -638,6 +743,7 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
         "lambda_val": validator.lam, "evals": meta["evals"], "final_step": step,
         "lambda_sweep": meta["sweep"],
         "interrupted": stop["signal"] is not None,
+        "skipped_steps": meta["skipped_steps"],
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "compile_seconds": round(compile_seconds, 2),
         "median_step_seconds": median_step,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rpo_jax.core import fsutil
+from rpo_jax.core import fsutil, logs
 from rpo_jax.sd import sampling
 from rpo_jax.models import clip_text, unet as unet_lib, vae as vae_lib
 from rpo_jax.sd.schedulers import NoiseSchedule
@@ -41,6 +42,9 @@ COMPONENT_CLASSES = {
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
 _WRITTEN = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+log = logs.get_logger(__name__)
 
 
 class PipelineError(ValueError):
@@ -87,6 +91,13 @@ class StableDiffusion:
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Prompts → (N, 77) int32 ids, padded and truncated as the SD pipeline does."""
         return self.tokenizer(prompts)["input_ids"]
+
+    def dropped_tokens(self, prompts: Sequence[str]) -> list[int]:
+        """Per prompt, how many of its tokens the text encoder's window (77 with the two special
+        tokens) cuts off; 0 when it fits."""
+        n = self.tokenizer.model_max_length
+        return [max(0, int(self.tokenizer([p], padding="longest", truncation=False)
+                           ["attention_mask"].sum()) - n) for p in prompts]
 
     @functools.cached_property
     def _encode_ids(self):
@@ -141,12 +152,16 @@ class StableDiffusion:
 
     def initial_latents(self, rng: jax.Array, n: int, height: int | None = None,
                         width: int | None = None) -> jnp.ndarray:
-        """(n, h, w, C) standard-normal starting latents for ``height`` x ``width`` images."""
-        height = height or self.default_resolution
-        width = width or self.default_resolution
+        """(n, h, w, C) standard-normal starting latents for ``height`` x ``width`` images (None:
+        :attr:`default_resolution`); each must be a positive multiple of the VAE and UNet
+        downsampling factor (8 × 8 for SD: 64)."""
+        height = self.default_resolution if height is None else height
+        width = self.default_resolution if width is None else width
         f = self.vae_scale_factor * self.unet.config.downscale_factor
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or int(v) != v or v < f or v % f:
+                raise ValueError(f"{name} must be a positive multiple of {f} (the VAE and UNet "
+                                 f"downsampling factor), got {v}")
         shape = (n, height // self.vae_scale_factor, width // self.vae_scale_factor, self.latent_channels)
         return jax.random.normal(rng, shape, jnp.float32)
 
@@ -157,9 +172,20 @@ class StableDiffusion:
                  unet_params: Any = None) -> np.ndarray:
         """Text → uint8 images (N · num_images_per_prompt, H, W, 3), prompt-major order.
 
-        ``latents`` (channels-last) replaces the seeded noise, e.g. to match diffusers.
+        ``latents`` (channels-last) replaces the seeded noise, e.g. to match diffusers. A prompt
+        longer than the text encoder's 77 tokens is cut, with a warning naming how many tokens
+        were dropped.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        check_sampling_args(num_images_per_prompt=num_images_per_prompt,
+                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            eta=eta)
+        for p, dropped in zip(prompts + [negative_prompt],
+                              self.dropped_tokens(prompts + [negative_prompt])):
+            if dropped:
+                log.warning(f"prompt {p[:60]!r}{'...' if len(p) > 60 else ''} is "
+                            f"{dropped + self.tokenizer.model_max_length} tokens: the text encoder "
+                            f"takes {self.tokenizer.model_max_length}, the last {dropped} are dropped")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt] * len(prompts))
@@ -169,10 +195,31 @@ class StableDiffusion:
         sampler = self.sampler(num_inference_steps, eta, guidance_scale > 1.0)
         params = self.unet_params if unet_params is None else unet_params
         out = sampler(params, latents, cond, uncond, guidance_scale, jax.random.fold_in(rng, 1))
-        return sampling.to_uint8(self.decode_latents(out))
+        return sampling.finite_uint8(self.decode_latents(out), f"{prompts[0]!r}")
 
 
 # ---- loading ----------------------------------------------------------------------------------
+
+def check_sampling_args(*, num_images_per_prompt: int = 1, num_inference_steps: int = 1,
+                        guidance_scale: float = 0.0, eta: float = 0.0,
+                        names: dict[str, str] | None = None) -> None:
+    """ValueError naming the argument unless counts are >= 1 and guidance and eta are finite and
+    >= 0. ``names`` renames arguments in messages (e.g. to command-line flags)."""
+    names = names or {}
+    for key, v in (("num_images_per_prompt", num_images_per_prompt),
+                   ("num_inference_steps", num_inference_steps)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{names.get(key, key)} must be an integer >= 1, got {v}")
+    for key, v in (("guidance_scale", guidance_scale), ("eta", eta)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{names.get(key, key)} must be finite and >= 0, got {v}")
+
+
+def check_pipeline_folder(path: str | os.PathLike) -> None:
+    """Raise :class:`PipelineError` naming the file unless ``path`` is a diffusers Stable Diffusion
+    folder rpo_jax can load (model_index.json, its components' folders); reads no weights."""
+    _read_model_index(Path(path))
+
 
 def _read_model_index(root: Path) -> dict:
     path = root / "model_index.json"

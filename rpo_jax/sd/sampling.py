@@ -99,6 +99,21 @@ class DDIMSampler:
         return self._sample(params, init_latents, cond, uncond, jnp.float32(guidance_scale), rng)
 
 
+class NonFiniteImages(ValueError):
+    """Sampling produced NaN or inf pixels: the UNet (or the sampling settings) are not usable."""
+
+
+def finite_uint8(images: jnp.ndarray | np.ndarray, what: str) -> np.ndarray:
+    """:func:`to_uint8`, after checking that no value is NaN or inf (else
+    :class:`NonFiniteImages` naming ``what``): a diverged UNet gives NaN, which uint8 would hide."""
+    images = np.asarray(images, np.float32)
+    if not np.isfinite(images).all():
+        raise NonFiniteImages(f"sampling {what} gave NaN or inf pixels in "
+                              f"{int((~np.isfinite(images)).any(axis=(1, 2, 3)).sum())} of "
+                              f"{len(images)} images: the UNet's params or the settings are not usable")
+    return to_uint8(images)
+
+
 def to_uint8(images: jnp.ndarray | np.ndarray) -> np.ndarray:
     """VAE output in [-1, 1], (B, H, W, 3) → uint8 (B, H, W, 3) as diffusers' postprocessing."""
     images = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
@@ -184,6 +199,6 @@ def sample_image_sets(pipe, unet_params: Any, prompts: Sequence[str], *, num_ima
         cond = cond_all[prompt_index[padded]]
         neg = jnp.broadcast_to(uncond, cond.shape)
         z = sampler(unet_params, place(latents), place(cond), place(neg), guidance_scale)
-        out.append(to_uint8(pipe.decode_latents(z))[: len(idx)])
+        out.append(finite_uint8(pipe.decode_latents(z), f"{prompts[prompt_index[idx[0]]]!r}")[: len(idx)])
     images = np.concatenate(out)
     return images.reshape((len(prompts), num_images) + images.shape[1:])
