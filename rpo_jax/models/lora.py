@@ -296,10 +296,14 @@ def merge(params: LoraParams) -> Any:
 # ---- files (pytorch_lora_weights.safetensors; the format is rpo_jax.weights.lora's) -----------
 
 def save(params: LoraParams, path: str | os.PathLike, *, component: str = "unet",
-         style: str = "diffusers") -> None:
+         style: str = "diffusers", dtype: Any = None) -> None:
     """Write the adapters of ``params`` as a LoRA file diffusers' ``load_lora_weights`` and PEFT
-    load, with ``params.config`` as ``peft.LoraConfig`` metadata."""
-    state = lora_file.adapters_to_state_dict(params.adapters, params.keymap,
+    load, with ``params.config`` as ``peft.LoraConfig`` metadata (``dtype``: store the matrices
+    in this dtype; default as held, float32)."""
+    adapters = jax.device_get(params.adapters)
+    if dtype is not None:
+        adapters = jax.tree.map(lambda x: np.asarray(x).astype(dtype), adapters)
+    state = lora_file.adapters_to_state_dict(adapters, params.keymap,
                                              prefix=f"{component}.", style=style)
     lora_file.write_lora_file(state, path, params.config.to_peft(), component)
 
