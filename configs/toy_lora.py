@@ -13,7 +13,7 @@ Command:
 Expected: see docs/lora.md (measured numbers beside full fine-tuning's).
 
 Arguments (`configs/toy_lora.py:KEY=VALUE,...`): lambda_val (0.5), seed (0), rank (8), alpha (8.0),
-lr (1e-3).
+lr (1e-3), targets (attn; a preset of docs/lora.md: attn, attn_ff, attn_ff_conv).
 """
 import toy
 
@@ -21,8 +21,8 @@ from rpo_jax.core.config import parse_arg
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, lambda_val=0.5, seed=0, rank=8, alpha=8.0, lr=1e-3)
+    a = parse_arg(arg, lambda_val=0.5, seed=0, rank=8, alpha=8.0, lr=1e-3, targets="attn")
     c = toy.get_config(f"lambda_val={a.lambda_val},seed={a.seed}")
-    c.lora.update(enabled=True, rank=int(a.rank), alpha=float(a.alpha))
+    c.lora.update(enabled=True, rank=int(a.rank), alpha=float(a.alpha), targets=(a.targets,))
     c.train.lr = float(a.lr)
     return c

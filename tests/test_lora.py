@@ -279,3 +279,18 @@ def test_a_lora_train_step_moves_only_the_adapters(step_setup):
     for a, b in zip(jax.tree.leaves(base16), jax.tree.leaves(base_before)):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+
+
+def test_config_section_presets_and_workdirs_from_before_lora():
+    on = config_lib.resolve(CONFIG, ["--config.lora.enabled=True", "--config.lora.targets=attn_ff"])
+    assert adapters.lora_config(on).targets == lora.TARGET_PRESETS["attn_ff"]
+    off = config_lib.resolve(CONFIG)
+    assert adapters.lora_config(off) is None
+    new = config_lib.to_json_dict(off)
+    old = {k: v for k, v in new.items() if k != "lora"}  # a config.json written before LoRA existed
+    assert train.config_diff(old, new) == []  # resumes
+    assert train.config_diff(old, config_lib.to_json_dict(on)) == ["lora"]  # LoRA on: another run
+    assert adapters.lora_config(old) is None
+    with pytest.raises(ValueError, match="lora.rank must be an int >= 1"):
+        train.check_config(config_lib.resolve(CONFIG, ["--config.lora.enabled=True",
+                                                       "--config.lora.rank=0"]))
