@@ -8,8 +8,8 @@ the reference model (adapters off), is held once, in bfloat16 (train.ref_params_
 adapters train in float32.
 
 Memory from the shapes (SD 2.1 UNet: 865.9 M parameters): full fine-tuning holds the trained UNet
-(3.30 GB fp32), its AdamW moments (6.61 GB) and the frozen reference (3.30 GB); this config holds
-the frozen UNet once (1.65 GB bf16), 6.64 M adapter parameters (26.6 MB) and their moments
+(3.46 GB fp32), its AdamW moments (6.93 GB) and the frozen reference (3.46 GB); this config holds
+the frozen UNet once (1.73 GB bf16), 6.64 M adapter parameters (26.6 MB) and their moments
 (53.1 MB). The adapter file is ~26.6 MB (float32).
 
 Command (one subject):
