@@ -5,8 +5,9 @@
                           (the default job: --config configs/toy.py --workdir runs/toy)
   rpo-jax negatives       RPO preference data: sample negatives, score them, write the manifest
   rpo-jax export          a training run's best UNet (--workdir), or a pipeline folder
-                          (--pretrained), as a diffusers folder with safetensors
-  rpo-jax sample          text → PNGs with a diffusers-format Stable Diffusion folder
+                          (--pretrained), as a diffusers folder with safetensors; a LoRA run's
+                          adapters as pytorch_lora_weights.safetensors (--fuse: merged pipeline)
+  rpo-jax sample          text → PNGs with a diffusers-format Stable Diffusion folder (--lora FILE)
   rpo-jax tiny-pipeline   write a random tiny SD pipeline in the diffusers layout
   rpo-jax demo            sampling smoke test: a random tiny pipeline → PNGs
   rpo-jax eval            DreamBench metrics of a run's best UNet (or a base pipeline) on held-out
@@ -265,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "diffusers.StableDiffusionPipeline.from_pretrained loads: either a pipeline "
                        "folder re-written (--pretrained; e.g. to convert .bin checkpoints or store "
                        "fp16 weights), or a training run's best UNet with the rest of its base "
-                       "pipeline (--workdir). The output is written under a temporary name and "
+                       "pipeline (--workdir); for a LoRA run (config lora.enabled), its best adapters as "
+                       "OUT/pytorch_lora_weights.safetensors for diffusers' load_lora_weights, or with "
+                       "--fuse a pipeline with them merged. The output is written under a temporary name and "
                        "moved into place when complete.")
     p.add_argument("--pretrained", default=None, help="source pipeline folder")
     p.add_argument("--workdir", default=None,
