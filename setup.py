@@ -38,6 +38,7 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.42.1",
             "transformers>=5.24.0",
+            "peft==0.21.2",  # LoRA parity tests (diffusers' load_lora_weights / save_lora_weights)
             "import-linter>=2.0",  # the layering contract in .importlinter (tests/test_layers.py)
         ],
     },

@@ -77,6 +77,16 @@ def get_config(arg=None):
         checkpoint_every=40,
         log_every=1,
     ))
+    c.lora = ml_collections.ConfigDict(dict(  # LoRA fine-tuning instead of the whole UNet
+        enabled=False,                        # paper: False (the full UNet trains)
+        rank=4,                               # r
+        alpha=4.0,                            # α; the adapters' scale is α / r
+        targets=("to_q", "to_k", "to_v", "to_out.0"),  # PEFT target_modules names, or one preset:
+                                              # ("attn",) these four, ("attn_ff",) + feed-forward,
+                                              # ("attn_ff_conv",) + ResNet convs
+        dropout=0.0,                          # PEFT's lora_dropout (adapter input, training only)
+    ))                                        # the frozen base (= the reference) is stored in
+                                              # train.ref_params_dtype; adapters are float32
     c.eval = ml_collections.ConfigDict(dict(
         every=40,                             # paper: 40
         num_images=4,                         # per training prompt (paper: 4)

@@ -5,8 +5,9 @@
                           (the default job: --config configs/toy.py --workdir runs/toy)
   rpo-jax negatives       RPO preference data: sample negatives, score them, write the manifest
   rpo-jax export          a training run's best UNet (--workdir), or a pipeline folder
-                          (--pretrained), as a diffusers folder with safetensors
-  rpo-jax sample          text → PNGs with a diffusers-format Stable Diffusion folder
+                          (--pretrained), as a diffusers folder with safetensors; a LoRA run's
+                          adapters as pytorch_lora_weights.safetensors (--fuse: merged pipeline)
+  rpo-jax sample          text → PNGs with a diffusers-format Stable Diffusion folder (--lora FILE)
   rpo-jax tiny-pipeline   write a random tiny SD pipeline in the diffusers layout
   rpo-jax demo            sampling smoke test: a random tiny pipeline → PNGs
   rpo-jax eval            DreamBench metrics of a run's best UNet (or a base pipeline) on held-out
@@ -47,14 +48,15 @@ from PIL import Image
 from rpo_jax.core import compile_cache, config as config_lib, fsutil, logs, tpu_env, workdir_lock
 from rpo_jax.evaluation import heldout
 from rpo_jax.jobs import assets, job as job_lib, toy_experiment
-from rpo_jax.models import attention
+from rpo_jax.models import attention, lora, unet as unet_lib
 from rpo_jax.perf import bench as bench_lib
 from rpo_jax.rpo import preference
 from rpo_jax.sd.pipeline import check_sampling_args, load_pipeline, save_pipeline
 from rpo_jax.testing.tiny import make_tiny_pipeline
 from rpo_jax.toy import pretrain as toy_pretrain
+from rpo_jax.weights import lora as lora_file
 
-log = logs.get_logger(__name__)
+log = logs.get_logger("rpo_jax.cli")  # not __name__: "__main__" under `python -m rpo_jax.cli`
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 DEBUG_ENV = "RPO_JAX_DEBUG"  # set to 1: tracebacks instead of one-line errors (as --debug)
@@ -80,13 +82,18 @@ def _sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(args.pretrained, dtype=getattr(jnp, args.dtype),
                          attention_impl=args.attention)
+    unet_params = None
+    if getattr(args, "lora", None):
+        unet_params = lora.load(args.lora, pipe.unet_params, unet_lib.KEYMAP)
+        log.info(f"LoRA {lora_file.find_file(args.lora)}: {len(lora.delta_kernels(unet_params))} "
+                 f"adapted layers, r={unet_params.config.rank}, alpha={unet_params.config.alpha:g}")
     t_load = time.perf_counter() - t0
     prompts = args.prompt
     t1 = time.perf_counter()
     images = pipe.generate(prompts, num_images_per_prompt=args.num_images, seed=args.seed,
                            num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                            negative_prompt=args.negative_prompt, height=args.height,
-                           width=args.width, eta=args.eta)
+                           width=args.width, eta=args.eta, unet_params=unet_params)
     t_gen = time.perf_counter() - t1
     records = []
     with fsutil.atomic_dir(out, args.overwrite) as tmp:
@@ -95,7 +102,9 @@ def _sample(args: argparse.Namespace) -> int:
             name = f"{p:02d}-{k:02d}-{_slug(prompts[p])}.png"
             Image.fromarray(image).save(tmp / name)
             records.append({"file": name, "prompt": prompts[p], "index": k, "seed": args.seed})
-        meta = {"pretrained": str(Path(args.pretrained).absolute()), "steps": args.steps,
+        meta = {"pretrained": str(Path(args.pretrained).absolute()),
+                "lora": str(lora_file.find_file(args.lora).absolute()) if getattr(args, "lora", None) else None,
+                "steps": args.steps,
                 "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
                 "eta": args.eta, "dtype": args.dtype, "images": records,
                 "seconds": {"load": round(t_load, 2), "generate_incl_compile": round(t_gen, 2)}}
@@ -110,6 +119,13 @@ def _export(args: argparse.Namespace) -> int:
     if (args.pretrained is None) == (args.workdir is None):
         print("error: give exactly one of --pretrained DIR or --workdir W", file=sys.stderr)
         return 2
+    if args.lora and args.fuse:
+        print("error: give at most one of --lora (the adapter file) and --fuse (a merged pipeline)",
+              file=sys.stderr)
+        return 2
+    if (args.lora or args.fuse) and args.pretrained is not None:
+        print("error: --lora and --fuse export a LoRA training run: use --workdir W", file=sys.stderr)
+        return 2
     dtype = None if args.dtype is None else np.dtype(args.dtype)
     if args.pretrained is not None:
         pipe = load_pipeline(args.pretrained)
@@ -121,8 +137,23 @@ def _export(args: argparse.Namespace) -> int:
     pretrained = assets.resolve(config.pretrained, workdir / "assets", "pretrained")
     pipe = load_pipeline(pretrained)
     params, model, _ = heldout.best_model(pipe, workdir)
+    is_lora = isinstance(params, lora.LoraParams)
+    if (args.lora or args.fuse) and not is_lora:
+        raise ValueError(f"{workdir} trained the whole UNet (its config has lora.enabled=False): "
+                         "export it without --lora / --fuse")
+    if is_lora and not args.fuse:  # the adapters as a diffusers / PEFT LoRA file
+        with fsutil.atomic_dir(args.out, args.overwrite) as tmp:
+            lora.save(params, tmp / lora_file.WEIGHTS_NAME, dtype=dtype)
+        out = Path(args.out).absolute()
+        log.info(f"exported the best LoRA adapters of {workdir} (step {model['step']}, validation "
+                 f"reward {model['validation_reward']:.4f}; r={params.config.rank}, "
+                 f"alpha={params.config.alpha:g}) → {out / lora_file.WEIGHTS_NAME}; base pipeline: "
+                 f"{pretrained} (--fuse writes a pipeline with the adapters merged)")
+        return 0
+    if is_lora:
+        params = lora.merge(params)
     out = save_pipeline(pipe, args.out, unet_params=params, overwrite=args.overwrite, dtype=dtype)
-    log.info(f"exported the best UNet of {workdir} (step {model['step']}, validation reward "
+    log.info(f"exported the best {'UNet (LoRA merged)' if is_lora else 'UNet'} of {workdir} (step {model['step']}, validation reward "
           f"{model['validation_reward']:.4f}) with the rest of {pretrained} → {out}")
     return 0
 
@@ -145,7 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
         pretrained=str(pipeline_dir), prompt=["a photo of [V] dog", "a [V] dog on the Moon"],
         num_images=2, seed=0, out=str(workdir / "samples"), steps=args.steps, guidance_scale=7.5,
         negative_prompt="", height=None, width=None, eta=0.0, dtype="float32",
-        attention="auto", overwrite=True)
+        attention="auto", overwrite=True, lora=None)
     return _sample(sample_args)
 
 
@@ -264,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activation dtype")
     p.add_argument("--attention", choices=list(attention.ATTENTION_IMPLS), default="auto",
                    help="attention kernel (default auto)")
+    p.add_argument("--lora", default=None,
+                   help="apply a LoRA file (pytorch_lora_weights.safetensors, or its folder) to the "
+                   "UNet: one `rpo-jax export --lora` wrote, or one diffusers / PEFT saved "
+                   "(lora.down/lora.up or lora_A/lora_B keys; α from its metadata, else α = r)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (the new images are written beside it and swapped "
                    "in when complete: a failed run leaves the old folder as it was)")
@@ -274,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "diffusers.StableDiffusionPipeline.from_pretrained loads: either a pipeline "
                        "folder re-written (--pretrained; e.g. to convert .bin checkpoints or store "
                        "fp16 weights), or a training run's best UNet with the rest of its base "
-                       "pipeline (--workdir). The output is written under a temporary name and "
+                       "pipeline (--workdir); for a LoRA run (config lora.enabled), its best adapters as "
+                       "OUT/pytorch_lora_weights.safetensors for diffusers' load_lora_weights, or with "
+                       "--fuse a pipeline with them merged. The output is written under a temporary name and "
                        "moved into place when complete.")
     p.add_argument("--pretrained", default=None, help="source pipeline folder")
     p.add_argument("--workdir", default=None,
@@ -283,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weight dtype to store for every component (default: each component's dtype in "
                         "the source files, e.g. a float16 folder stays float16)")
+    p.add_argument("--lora", action="store_true",
+                   help="a LoRA run (config lora.enabled): write its best adapters as "
+                   "OUT/pytorch_lora_weights.safetensors for diffusers' load_lora_weights (the "
+                   "default for a LoRA run)")
+    p.add_argument("--fuse", action="store_true",
+                   help="a LoRA run: write a full pipeline with the adapters merged into the UNet "
+                   "(W + alpha/r · B·A)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_export)
 

@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_in", None),
     ("conv_out", "fsdp"),
     ("norm", None),
+    ("lora_rank", None),                      # LoRA adapters' rank axis (rpo_jax.models.lora)
     # activations
     ("length", None),
     ("height", None),

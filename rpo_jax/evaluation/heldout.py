@@ -47,6 +47,7 @@ from rpo_jax.core import fsutil, images as images_lib, logs
 from rpo_jax.evaluation import dreambench, metrics as metrics_lib
 from rpo_jax.models import base, unet as unet_lib
 from rpo_jax.reward import harmonic as reward_lib
+from rpo_jax.rpo import adapters
 from rpo_jax.rpo.train import best_dir, load_best_params
 from rpo_jax.sd.sampling import NOISE, sample_image_sets
 
@@ -135,18 +136,28 @@ def best_model(pipe, workdir: str | os.PathLike,
                lambda_val: float | None = None) -> tuple[Any, dict, str]:
     """The best UNet params of the run in ``workdir`` (by r_{λ_val}, or by r_λ of a swept
     ``lambda_val``) for ``pipe``'s UNet: (params, model description for scores.json, a phrase
-    for the log). Raises FileNotFoundError naming the folder when there is none yet."""
+    for the log). For a LoRA run the params are the best adapters on ``pipe``'s UNet params
+    (:class:`rpo_jax.models.lora.LoraParams`). Raises FileNotFoundError naming the folder when
+    there is none yet."""
     workdir = Path(workdir).absolute()
     if lambda_val is not None:
         lambda_val = reward_lib.check_lambda(lambda_val, "lambda_val")
     check_best(workdir, lambda_val)
-    abstract = nn.unbox(base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config)))
+    lora_cfg = adapters.run_lora_config(workdir)
+    if lora_cfg is None:
+        abstract = base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config))
+    else:
+        abstract = adapters.abstract_adapters(pipe.unet, lora_cfg)
     params, meta = load_best_params(workdir, jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract), lambda_val)
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nn.unbox(abstract)), lambda_val)
+    if lora_cfg is not None:
+        params = adapters.unet_params(pipe.unet_params, params, lora_cfg)
     model = {"kind": "best", "workdir": str(workdir), "step": meta["step"],
              "validation_reward": meta["reward"], "lambda_val": meta.get("lambda_val")}
-    what = (f"the best UNet of {workdir} (step {meta['step']}, validation reward "
-            f"{meta['reward']:.4f})")
+    if lora_cfg is not None:
+        model["lora"] = lora_cfg.to_peft()
+    what = (f"the best {'LoRA adapters' if lora_cfg else 'UNet'} of {workdir} (step {meta['step']}, "
+            f"validation reward {meta['reward']:.4f})")
     return params, model, what
 
 

@@ -229,7 +229,8 @@ def _metrics(e_y, e_g, ref_y, ref_g, labels, pref_prob, cfg: ObjectiveConfig):
 
 
 def rpo_loss(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn: ApplyFn,
-             alphas_cumprod: Any, cfg: ObjectiveConfig) -> tuple[jnp.ndarray, dict]:
+             alphas_cumprod: Any, cfg: ObjectiveConfig,
+             ref_apply_fn: ApplyFn | None = None) -> tuple[jnp.ndarray, dict]:
     """The RPO loss of a batch of B pairs, and float32 scalar metrics.
 
     Args:
@@ -239,6 +240,8 @@ def rpo_loss(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn: Appl
       rng: this step's key (split into noise / timestep / label keys by :func:`split_rng`).
       apply_fn: ``apply_fn(params, x (N, h, w, C), t (N,), context (N, L, D)) -> (N, h, w, C)``;
         called once with θ and once with the frozen parameters, each on all 2B items.
+      ref_apply_fn: the same for the frozen model when it is another function than apply_fn
+        (LoRA: θ are adapters on the base params, the reference is the base with adapters off).
       alphas_cumprod: (T,) ᾱ of the noise schedule.
       cfg: static :class:`ObjectiveConfig`.
 
@@ -250,7 +253,7 @@ def rpo_loss(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn: Appl
     cfg.check()
     _check_batch(batch, cfg, alphas_cumprod)
     inputs = model_inputs(batch, rng, alphas_cumprod, cfg)
-    ref_y, ref_g = _frozen_errors(ref_params, apply_fn, inputs)
+    ref_y, ref_g = _frozen_errors(ref_params, ref_apply_fn or apply_fn, inputs)
     e_y, e_g = _errors(params, apply_fn, inputs)
     return _metrics(e_y, e_g, ref_y, ref_g, inputs.labels, batch["pref_prob"], cfg)
 
@@ -262,8 +265,8 @@ def _grad_norm(tree) -> jnp.ndarray:
 
 
 def loss_and_grads(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn: ApplyFn,
-                   alphas_cumprod: Any, cfg: ObjectiveConfig, term_grad_norms: bool = True
-                   ) -> tuple[jnp.ndarray, dict, Any]:
+                   alphas_cumprod: Any, cfg: ObjectiveConfig, term_grad_norms: bool = True,
+                   ref_apply_fn: ApplyFn | None = None) -> tuple[jnp.ndarray, dict, Any]:
     """(loss, metrics, grads of the loss w.r.t. params); arguments as :func:`rpo_loss`.
 
     term_grad_norms=True: one forward pass of θ through ``jax.vjp`` of params → (e_θ(y), e_θ(g)),
@@ -276,14 +279,15 @@ def loss_and_grads(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn
     """
     if not term_grad_norms:
         loss_fn = lambda p: rpo_loss(p, ref_params, batch, rng, apply_fn=apply_fn,
-                                     alphas_cumprod=alphas_cumprod, cfg=cfg)
+                                     alphas_cumprod=alphas_cumprod, cfg=cfg,
+                                     ref_apply_fn=ref_apply_fn)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, {**metrics, "grad_norm": _grad_norm(grads)}, grads
 
     cfg.check()
     _check_batch(batch, cfg, alphas_cumprod)
     inputs = model_inputs(batch, rng, alphas_cumprod, cfg)
-    ref_y, ref_g = _frozen_errors(ref_params, apply_fn, inputs)
+    ref_y, ref_g = _frozen_errors(ref_params, ref_apply_fn or apply_fn, inputs)
     (e_y, e_g), pull_params = jax.vjp(lambda p: _errors(p, apply_fn, inputs), params)
 
     def terms(ey, eg):

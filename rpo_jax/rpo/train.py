@@ -44,9 +44,9 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from rpo_jax.core import fsutil, images as images_lib, logs, partitioning
-from rpo_jax.models import base, unet as unet_lib, vae as vae_lib
+from rpo_jax.models import base, lora as lora_lib, unet as unet_lib, vae as vae_lib
 from rpo_jax.reward import harmonic as reward_lib
-from rpo_jax.rpo import checkpoints as ckpt_lib, objective, preference
+from rpo_jax.rpo import adapters, checkpoints as ckpt_lib, objective, preference
 from rpo_jax.sd.sampling import NonFiniteImages, sample_image_sets
 
 log = logs.get_logger(__name__)
@@ -65,7 +65,8 @@ SUMMARY_FILE = "summary.json"
 
 @flax.struct.dataclass
 class TrainState:
-    """What a checkpoint holds: step, trainable UNet params, optimizer state, base PRNG key."""
+    """What a checkpoint holds: step, trainable UNet params (LoRA: the adapters only), optimizer
+    state, base PRNG key."""
     step: jnp.ndarray
     params: Any
     opt_state: Any
@@ -108,6 +109,7 @@ def check_config(config) -> None:
         objective_config(config, "epsilon").check()
     except ValueError as e:
         raise ValueError(f"objective.{e}") from e
+    adapters.check_config(config)
 
 
 def objective_config(config, prediction_type: str,
@@ -139,11 +141,14 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any, param_sharding
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The keys (dotted) whose values differ between two JSON configs, except
-    :data:`RESUMABLE_CHANGES`."""
+    :data:`RESUMABLE_CHANGES`. A config.json written before the ``lora`` section existed equals
+    one with LoRA off."""
     keys = []
     for k in sorted(set(old) | set(new)):
         path = f"{prefix}{k}"
         a, b = old.get(k), new.get(k)
+        if path == "lora" and (a is None or b is None) and not (a or b or {}).get("enabled"):
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             keys += config_diff(a, b, path + ".")
         elif a != b and path not in RESUMABLE_CHANGES:
@@ -206,9 +211,13 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
                apply_fn, alphas_cumprod, obj_cfg: objective.ObjectiveConfig,
                tx: optax.GradientTransformation, term_grad_norms: bool,
                batch_sharding: NamedSharding | None, unroll: bool = True,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+               skip_nonfinite: bool = False, adapter_fn=None) -> tuple[TrainState, dict]:
     """One optimizer update from ``pair_idx`` (grad_accum, B) pair numbers; pure and jittable.
 
+    apply_fn(params, x, t, context): the UNet (the frozen reference, and the trained model in
+    full fine-tuning). adapter_fn (static, LoRA): ``adapter_fn(adapters, base, x, t, context,
+    dropout_rng)``, the UNet with adapters on; state.params are then the adapters and
+    ``ref_params`` the base params they sit on, which with adapters off are the reference.
     unroll (static): with grad_accum > 1, write the micro-batches out one after another (True)
     or loop over them with ``lax.scan`` (False); see :func:`unroll_micro_batches`.
     metrics["nonfinite"] (int32 scalar, computed on device from scalars the step has anyway):
@@ -236,9 +245,14 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
             batch = {k: jax.lax.with_sharding_constraint(v, NamedSharding(
                 batch_sharding.mesh, PartitionSpec(("data", "fsdp"), *([None] * (v.ndim - 1)))))
                 for k, v in batch.items()}
+        trained_fn = apply_fn
+        if adapter_fn is not None:  # LoRA: the adapters on the base params (ref_params)
+            k_drop = jax.random.fold_in(micro_key, 3)
+            trained_fn = lambda a, x, ts, c: adapter_fn(a, ref_params, x, ts, c, k_drop)
         _, metrics, grads = objective.loss_and_grads(
-            state.params, ref_params, batch, k_loss, apply_fn=apply_fn,
-            alphas_cumprod=alphas_cumprod, cfg=obj_cfg, term_grad_norms=term_grad_norms)
+            state.params, ref_params, batch, k_loss, apply_fn=trained_fn,
+            alphas_cumprod=alphas_cumprod, cfg=obj_cfg, term_grad_norms=term_grad_norms,
+            ref_apply_fn=apply_fn)
         return grads, metrics
 
     # Gradient accumulation: the micro-batch gradients summed into one grads-sized buffer (no
@@ -295,8 +309,10 @@ def jit_train_step(config, unet_module: nn.Module, schedule, mesh: jax.sharding.
     this same function."""
     t = config.train
     replicated = NamedSharding(mesh, PartitionSpec())
+    lora_cfg = adapters.lora_config(config)
     return jax.jit(
         functools.partial(train_step, apply_fn=lambda p, x, ts, c: unet_module.apply({"params": p}, x, ts, c),
+                          adapter_fn=None if lora_cfg is None else adapters.adapter_apply_fn(unet_module, lora_cfg),
                           alphas_cumprod=jnp.asarray(schedule.alphas_cumprod),
                           obj_cfg=objective_config(config, schedule.prediction_type,
                                                    schedule.num_train_timesteps), tx=make_optimizer(config),
@@ -335,9 +351,16 @@ def abstract_train_inputs(config, unet_module: nn.Module, mesh: jax.sharding.Mes
                           nn.unbox(boxed), param_shardings)
     ref_dtype = jnp.dtype(t.ref_params_dtype)
     ref_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, ref_dtype, sharding=a.sharding), params)
+    trained_shardings = param_shardings
+    lora_cfg = adapters.lora_config(config)
+    if lora_cfg is not None:  # LoRA: the state trains adapters; ref_params is the one base tree
+        boxed_adapters = adapters.abstract_adapters(unet_module, lora_cfg)
+        trained_shardings = partitioning.param_shardings(boxed_adapters, mesh, rules)
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nn.unbox(boxed_adapters), trained_shardings)
     tx = make_optimizer(config)
     abstract_opt = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, trained_shardings,
                                           transform_non_params=lambda _: replicated)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              abstract_opt, opt_shardings)
@@ -544,17 +567,32 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     t = config.train
     cache = build_cache(pipe, data)
 
-    # 3. shardings, state (the trained params are a copy: the pipeline's stay the base model's)
+    # 3. shardings, state (the trained params are a copy: the pipeline's stay the base model's;
+    # LoRA: the trained params are adapters, and ref_params, the one base tree, carries them)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = base.abstract_params(pipe.unet, *unet_lib.init_inputs(pipe.unet.config))
     rules = partitioning.rules_from_config(config.logical_axis_rules)
     param_shardings = partitioning.param_shardings(abstract, mesh, rules)
-    params = jax.device_put(pipe.unet_params, param_shardings, may_alias=False)
+    lora_cfg = adapters.lora_config(config)
+    if lora_cfg is None:
+        params = jax.device_put(pipe.unet_params, param_shardings, may_alias=False)
+        trained_shardings = param_shardings
+        sampled = lambda p: p
+    else:
+        params, trained_shardings = adapters.init_adapters(pipe.unet, lora_cfg, mesh, rules, t.seed)
+        sampled = lambda p: adapters.unet_params(ref_params, p, lora_cfg)
     ref_dtype = jnp.dtype(t.ref_params_dtype)
     ref_params = jax.device_put(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), pipe.unet_params),
                                 param_shardings)
     tx = make_optimizer(config)
-    opt_state = init_opt_state(tx, params, param_shardings, replicated)
+    opt_state = init_opt_state(tx, params, trained_shardings, replicated)
+    memory = {"trainable_params": lora_lib.count(params)[0], "trainable_bytes": lora_lib.count(params)[1],
+              "optimizer_state_bytes": lora_lib.count(opt_state)[1],
+              "frozen_bytes": lora_lib.count(ref_params)[1]}  # the one frozen tree: the reference
+    log.info(f"[train] {'LoRA adapters' if lora_cfg else 'full UNet'}: {memory['trainable_params']:,} "
+             f"trainable params ({memory['trainable_bytes'] / 2**20:.2f} MiB), optimizer state "
+             f"{memory['optimizer_state_bytes'] / 2**20:.2f} MiB, frozen UNet "
+             f"{memory['frozen_bytes'] / 2**20:.2f} MiB")
     state = TrainState(step=jax.device_put(jnp.int32(0), replicated), params=params,
                        opt_state=opt_state,
                        rng=jax.device_put(jax.random.key_data(jax.random.PRNGKey(t.seed)), replicated))
@@ -602,7 +640,7 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
 
     def evaluate(step: int) -> None:
         t_eval = time.perf_counter()
-        mean, per_prompt, images, sweep = validator(state.params)
+        mean, per_prompt, images, sweep = validator(sampled(state.params))
         grid_path = workdir / "samples" / f"step_{step:06d}.png"
         images_lib.save_grid(images, grid_path, rows=len(validator.prompts), labels=validator.prompts)
         metrics_log.image(step, "val/samples", grid_path)
@@ -750,6 +788,7 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
         "images_per_second": 2 * per_step / median_step if step_times else None,
         "tflops_per_device": flops_per_step / median_step / 1e12 if step_times else None,
         "devices": jax.device_count(), "mesh": dict(mesh.shape),
+        "memory": memory, "lora": None if lora_cfg is None else lora_cfg.to_peft(),
     }
     fsutil.write_json(summary, workdir / SUMMARY_FILE)
     if progress:

@@ -30,7 +30,7 @@ import numpy as np
 
 from rpo_jax.core import fsutil, logs
 from rpo_jax.sd import sampling
-from rpo_jax.models import clip_text, unet as unet_lib, vae as vae_lib
+from rpo_jax.models import clip_text, lora, unet as unet_lib, vae as vae_lib
 from rpo_jax.sd.schedulers import NoiseSchedule
 from rpo_jax.sd.tokenizer import CLIPTokenizer
 from rpo_jax.weights import io
@@ -110,13 +110,14 @@ class StableDiffusion:
 
     # ---- networks on arrays -------------------------------------------------------------------
     def apply_unet(self, sample, timesteps, encoder_hidden_states, params: Any = None):
-        """UNet prediction: sample (B, h, w, C), timesteps (B,), embeddings (B, L, D)."""
+        """UNet prediction: sample (B, h, w, C), timesteps (B,), embeddings (B, L, D); ``params``
+        may be :class:`rpo_jax.models.lora.LoraParams` (base + adapters)."""
         params = self.unet_params if params is None else params
         return self._unet_fn(params, sample, timesteps, encoder_hidden_states)
 
     @functools.cached_property
     def _unet_fn(self):
-        return jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
+        return jax.jit(lambda p, x, t, c: lora.apply(self.unet, p, x, t, c))
 
     @functools.cached_property
     def _encode_fn(self):

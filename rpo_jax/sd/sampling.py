@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rpo_jax.core import logs, partitioning
+from rpo_jax.models import lora
 from rpo_jax.sd.schedulers import NoiseSchedule, ddim_step
 
 
@@ -57,7 +58,7 @@ class DDIMSampler:
         def step(x, inputs):
             t, a_t, a_prev, i = inputs
             x_in = jnp.concatenate([x, x], axis=0) if self.guidance else x
-            out = self.unet.apply({"params": params}, x_in, jnp.full((x_in.shape[0],), t), context)
+            out = lora.apply(self.unet, params, x_in, jnp.full((x_in.shape[0],), t), context)
             out = out.astype(jnp.float32)
             if self.guidance:
                 out_u, out_c = jnp.split(out, 2, axis=0)
@@ -80,7 +81,7 @@ class DDIMSampler:
         """Denoise ``init_latents``.
 
         Args:
-          params: UNet params.
+          params: UNet params, or :class:`rpo_jax.models.lora.LoraParams` (base + adapters).
           init_latents: (B, h, w, C) standard-normal noise (DDIM's init_noise_sigma is 1).
           cond: (B, L, D) prompt embeddings; uncond: (B, L, D) negative-prompt embeddings
             (required when the sampler was built with guidance=True).

@@ -65,7 +65,9 @@ class KeyMap:
         return self.prefix + ".".join(parts)
 
 
-def _to_flax_layout(tensor: np.ndarray, leaf: str, target_shape: tuple[int, ...]) -> np.ndarray:
+def to_flax_layout(tensor: np.ndarray, leaf: str, target_shape: tuple[int, ...]) -> np.ndarray:
+    """A PyTorch tensor of Flax leaf kind ``leaf`` in Flax layout (``kernel``s transposed, a 1×1
+    conv weight taken for a Linear and back, as ``target_shape`` asks); other leaves unchanged."""
     if leaf == "kernel":
         if len(target_shape) == 2:
             if tensor.ndim == 4 and tensor.shape[2:] == (1, 1):  # 1x1 conv stored for a Linear
@@ -80,7 +82,9 @@ def _to_flax_layout(tensor: np.ndarray, leaf: str, target_shape: tuple[int, ...]
     return tensor
 
 
-def _to_torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+def to_torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    """The inverse of :func:`to_flax_layout`: a Flax ``kernel`` (in, out) / (kh, kw, in, out) as
+    PyTorch's (out, in) / (out, in, kh, kw); other leaves unchanged."""
     if leaf == "kernel":
         if array.ndim == 2:
             return array.T
@@ -112,7 +116,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params: 
             problems.append(f"missing tensor {key!r} (for Flax param {'/'.join(path)})")
             continue
         used.add(key)
-        tensor = _to_flax_layout(np.asarray(state_dict[key]), path[-1], tuple(target.shape))
+        tensor = to_flax_layout(np.asarray(state_dict[key]), path[-1], tuple(target.shape))
         if tuple(tensor.shape) != tuple(target.shape):
             problems.append(f"tensor {key!r} has shape {tuple(state_dict[key].shape)}, the model "
                             f"config needs {tuple(target.shape)} in Flax layout (param {'/'.join(path)})")
@@ -137,7 +141,7 @@ def params_to_state_dict(params: Any, keymap: KeyMap, dtype: Any = None) -> dict
         array = np.asarray(value)
         if dtype is not None:
             array = array.astype(dtype)
-        torch_array = _to_torch_layout(array, path[-1])
+        torch_array = to_torch_layout(array, path[-1])
         out[keymap.torch_key(path)] = np.ascontiguousarray(torch_array).reshape(torch_array.shape)
     return out
 
