@@ -151,6 +151,8 @@ def get_target(topology: str) -> Target:
         chip = _chip_for(kind)
         stats = devices[0].memory_stats() or {}
         hbm = float(stats["bytes_limit"]) if "bytes_limit" in stats else (chip.hbm_bytes if chip else None)
+        if devices[0].platform == "cpu":  # the host's RAM, shared by its CPU devices
+            hbm = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / len(devices)
         return Target(LOCAL, devices, devices[0].platform, kind, len(devices), chip, hbm)
     gen, chips = _topology_chips(topology)
     if importlib.util.find_spec("libtpu") is None:
@@ -231,7 +233,7 @@ def parse_meshes(specs: Sequence[str], num_devices: int, topology: str) -> list[
                 if math.prod(shape) != num_devices:
                     raise ValueError(f"--mesh {name}: {math.prod(shape)} devices, but {topology} has "
                                      f"{num_devices}; the mesh must use every device")
-            if (name, shape) not in out:
+            if shape not in [s for _, s in out]:  # e.g. data and fsdp on one device
                 out.append((name, shape))
     return out
 
@@ -488,7 +490,11 @@ def describe(c: Candidate) -> str:
 
 
 def _gib(x) -> str:
-    return "" if x is None else f"{x / GIB:.2f}"
+    return "" if x is None else f"{x / GIB:.3g}"
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
 
 
 def markdown(result: dict) -> str:
@@ -497,7 +503,7 @@ def markdown(result: dict) -> str:
     hbm = tg["hbm_bytes_per_chip"]
     lines = [f"RPO train step, {result['arch']} at {result['resolution']} px, on {tg['topology']}: "
              f"{tg['chips']} chips × {tg['device_kind']}"
-             + (f" ({hbm / GIB:.1f} GiB HBM per chip" if hbm else " (memory capacity unknown")
+             + (f" ({hbm / GIB:.1f} GiB {'host RAM' if tg['platform'] == 'cpu' else 'HBM'} per chip" if hbm else " (memory capacity unknown")
              + (f", {tg['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 peak)" if tg["peak_bf16_flops_per_chip"] else ")")
              + f"; fits = total ≤ {100 * (1 - result['headroom']):.0f}% of HBM. Times and MFU are "
              "XLA's estimates (optimal_seconds), not measurements.", "",
@@ -517,9 +523,9 @@ def markdown(result: dict) -> str:
             r["ref_dtype"], "on" if r["remat"] else "off", _gib(m.get("argument")), _gib(m.get("temp")),
             _gib(m.get("output")), _gib(m.get("alias")), _gib(r.get("total_bytes")),
             "" if r.get("hbm_fraction") is None else f"{100 * r['hbm_fraction']:.0f}%", fits,
-            "" if "flops_per_chip" not in r else f"{r['flops_per_chip'] / 1e9:,.0f}",
-            "" if est is None else f"{1e3 * est:,.1f}",
-            "" if "images_per_second_per_chip" not in r else f"{r['images_per_second_per_chip']:.2f}",
+            "" if "flops_per_chip" not in r else _num(r['flops_per_chip'] / 1e9),
+            "" if est is None else _num(1e3 * est),
+            "" if "images_per_second_per_chip" not in r else _num(r['images_per_second_per_chip']),
             "" if "est_mfu" not in r else f"{100 * r['est_mfu']:.0f}%"]) + " |")
     best = result["recommended"]
     lines.append("")
