@@ -60,13 +60,14 @@ def test_plan_v5e_memory_flops_and_cache(micro_arch, tmp_path, monkeypatch):
 
 
 def test_unknown_topology_is_one_line(capsys):
-    with pytest.raises(ValueError, match=r"--topology v9x:2x2: libtpu does not know .*v5e:2x4"):
-        plan_lib.get_target("v9x:2x2")
-    with pytest.raises(ValueError, match=r"--topology 'v5litepod-8' is not GENERATION:GRID"):
-        plan_lib.get_target("v5litepod-8")
-    assert cli.main(["plan", "--arch", "tiny", "--topology", "v9x:2x2"]) == 2
+    with pytest.raises(ValueError, match=r"--topology v5e:3x3: libtpu does not know .*v5e:2x4"):
+        plan_lib.get_target("v5e:3x3")
+    for name in ("v9x:2x2", "v5litepod-8"):
+        with pytest.raises(ValueError, match=rf"--topology '{name}' is not a TPU GENERATION:GRID.*v5e:2x4"):
+            plan_lib.get_target(name)
+    assert cli.main(["plan", "--arch", "tiny", "--topology", "v5e:3x3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --topology v9x:2x2") and "\n" not in err
+    assert err.startswith("error: --topology v5e:3x3") and "\n" not in err
 
 
 def test_mesh_must_use_every_device():

@@ -79,7 +79,7 @@ CHIPS = {
     "NVIDIA L4": Chip("L4", 24e9, 121e12),
 }
 # The Cloud TPU accelerator type to announce to libtpu (quiets its metadata warnings).
-_ACCELERATOR_TYPES = {"v5e": "v5litepod-{chips}", "v5p": "v5p-{cores}", "v4": "v4-{cores}",
+_ACCELERATOR_TYPES = {"v4": "v4-{cores}", "v5e": "v5litepod-{chips}", "v5p": "v5p-{cores}",
                       "v6e": "v6e-{chips}"}
 
 
@@ -126,8 +126,9 @@ def _chip_for(device_kind: str) -> Chip | None:
 def _topology_chips(name: str) -> tuple[str, int]:
     """'v5e:2x4' → ('v5e', 8); raises ValueError naming --topology when it does not parse."""
     m = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)*)", name)
-    if not m:
-        raise ValueError(f"--topology {name!r} is not GENERATION:GRID (e.g. v5e:2x4) or 'local'; "
+    if not m or m.group(1) not in _ACCELERATOR_TYPES:
+        raise ValueError(f"--topology {name!r} is not a TPU GENERATION:GRID (generations "
+                         f"{', '.join(_ACCELERATOR_TYPES)}; e.g. v5e:2x4) or 'local'; "
                          f"known-good names: {', '.join(KNOWN_TOPOLOGIES)}")
     return m.group(1), math.prod(int(x) for x in m.group(2).split("x"))
 
@@ -137,9 +138,8 @@ def libtpu_env(topology: str) -> dict[str, str]:
     at once (its lockfile would refuse the second), and naming the accelerator type and worker
     quiets its warnings about missing TPU VM metadata."""
     gen, chips = _topology_chips(topology)
-    pattern = _ACCELERATOR_TYPES.get(gen, gen + "-{chips}")
     return {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-            "TPU_ACCELERATOR_TYPE": pattern.format(chips=chips, cores=2 * chips)}
+            "TPU_ACCELERATOR_TYPE": _ACCELERATOR_TYPES[gen].format(chips=chips, cores=2 * chips)}
 
 
 def get_target(topology: str) -> Target:
