@@ -425,6 +425,9 @@ def plan(arch: str, topology: str, *, config_file: str | None = None, overrides:
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     a = get_arch(arch)
+    if config_file is None and not Path(a.default_config).is_file():
+        raise ValueError(f"--config: the default for --arch {arch}, {a.default_config}, is not in "
+                         f"{Path.cwd()}; run from the rpo-jax checkout or pass --config FILE.py")
     config = config_lib.resolve(config_file or a.default_config, list(overrides))
     target = get_target(topology)
     t = config.train
