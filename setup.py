@@ -40,7 +40,11 @@ setup(
             "transformers>=5.24.0",
             "peft==0.21.2",  # LoRA parity tests (diffusers' load_lora_weights / save_lora_weights)
             "import-linter>=2.0",  # the layering contract in .importlinter (tests/test_layers.py)
+            "jax[tpu]",  # libtpu: tests/test_plan.py compiles for a TPU topology on a CPU host
         ],
+        # `rpo-jax plan` for Cloud TPU topologies: libtpu (matched to jax's version by jax's extra)
+        # describes and compiles for TPU slices on any host. Not needed to train on a TPU VM.
+        "plan": ["jax[tpu]"],
     },
     entry_points={"console_scripts": ["rpo-jax=rpo_jax.cli:main"]},
 )

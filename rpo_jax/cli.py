@@ -13,8 +13,11 @@
   rpo-jax eval            DreamBench metrics of a run's best UNet (or a base pipeline) on held-out
                           prompts: scores.json and an image grid
   rpo-jax dreambench      train + evaluate every DreamBench subject; the paper's table
+  rpo-jax bench           the RPO step, sampling and reward scoring: JAX against PyTorch, side by side
   rpo-jax toy pretrain    train the toy world's miniature SD, encoders and judges from scratch
   rpo-jax toy experiment  the paper's ablation in miniature over seeds
+  rpo-jax plan            which TPU slice / mesh / batch the RPO step fits in, and XLA's estimate
+                          of its speed, from ahead-of-time compiles on this (CPU) machine
 
 Commands that take ``--config FILE.py[:ARG]`` also take overrides ``--config.KEY=VALUE``.
 
@@ -50,6 +53,7 @@ from rpo_jax.evaluation import heldout
 from rpo_jax.jobs import assets, job as job_lib, toy_experiment
 from rpo_jax.models import attention, lora, unet as unet_lib
 from rpo_jax.perf import bench as bench_lib
+from rpo_jax.perf import plan as plan_lib
 from rpo_jax.rpo import preference
 from rpo_jax.sd.pipeline import check_sampling_args, load_pipeline, save_pipeline
 from rpo_jax.testing.tiny import make_tiny_pipeline
@@ -251,6 +255,27 @@ def _bench(args: argparse.Namespace) -> int:
     bench_lib.run(split(args.models), [int(a) for a in split(args.grad_accum)], split(args.parts), opts,
                   Path(args.out) if args.out else None,
                   pairs=[int(n) for n in split(args.pairs)] if args.pairs else None)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    remats = {"both": (True, False), "on": (True,), "off": (False,)}[args.remat]
+    split = lambda v, cast=str: [cast(x.strip()) for x in v.split(",") if x.strip()] if v else None
+    try:
+        pairs = split(args.pairs_per_chip, int)
+        accums = split(args.grad_accum, int)
+    except ValueError:
+        raise ValueError("--pairs-per-chip / --grad-accum take comma-separated integers, e.g. 1,4,16") from None
+    result = plan_lib.plan(
+        args.arch, args.topology, config_file=args.config, overrides=args.overrides,
+        meshes=split(args.mesh), pairs_per_chip=pairs, dtypes=split(args.dtype),
+        remats=remats, ref_dtypes=split(args.ref_dtype), grad_accums=accums,
+        attentions=split(args.attention), resolution=args.resolution, headroom=args.headroom,
+        jobs=args.jobs, cache_dir=args.cache_dir)
+    print(plan_lib.markdown(result))
+    if args.out:
+        fsutil.write_json(result, args.out)
+        log.info(f"wrote {args.out}")
     return 0
 
 
@@ -484,6 +509,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--arms", default="", help="semicolon-separated subset of the arms (default all)")
     p.set_defaults(func=_toy_experiment, takes_overrides=True)
+
+    p = sub.add_parser(
+        "plan", help="TPU slice planner: memory and XLA's speed estimate of the RPO step per layout",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile the real RPO train step ahead of time (abstract weights, no download) "
+        "for a Cloud TPU topology described by libtpu, on any host (pip install 'rpo-jax[plan]'), or "
+        "for this machine's devices (--topology local), once per candidate layout: every "
+        "combination of --mesh, --pairs-per-chip, --dtype, --remat, --ref-dtype, --grad-accum and "
+        "--attention. Prints a markdown table per chip: XLA's memory per device (arguments, "
+        "temporaries, outputs, aliased = donated state reused as output; total = arguments + "
+        "temporaries + outputs - aliased + code) against the chip's HBM, FLOPs per step, XLA's "
+        "estimated step time (optimal_seconds: a model, not a measurement), images/s per chip "
+        "(2 images per pair) and MFU against the published bf16 peak; marks what fits and "
+        "recommends the fastest layout that fits. Results are cached per candidate (--cache-dir), "
+        "so a re-run compiles nothing. A full SD 2.1 candidate takes many minutes to compile on a "
+        "2-core host. Overrides --config.KEY=VALUE change the train step (e.g. "
+        "--config.train.term_grad_norms=false).",
+        epilog="Example:\n  rpo-jax plan --arch sd21 --topology v5e:2x4 --pairs-per-chip 1,4 "
+        "--remat on --mesh data,fsdp --out plan.json")
+    p.add_argument("--arch", default="sd21",
+                   help="sd21 | sd15 (published architectures) | tiny | a UNet config.json (default sd21)")
+    p.add_argument("--topology", required=True,
+                   help=f"TPU topology GENERATION:GRID, e.g. {', '.join(plan_lib.KNOWN_TOPOLOGIES[:3])}, "
+                   "v5p:2x2x1 (v5p-8), v6e:2x4; or 'local' for this machine's devices")
+    p.add_argument("--pairs-per-chip", default="1,4,16",
+                   help="comma-separated; pairs per micro-batch = this x chips (default 1,4,16)")
+    p.add_argument("--remat", choices=["both", "on", "off"], default="both",
+                   help="recompute UNet blocks in the backward pass (default both)")
+    p.add_argument("--mesh", default="data,fsdp",
+                   help="comma-separated: data | fsdp | tensor (every device on that axis), both, "
+                   "all, or a DATAxFSDPxTENSOR shape such as 2x4x1 (default data,fsdp)")
+    p.add_argument("--dtype", default="bfloat16", help="activation dtypes, comma-separated (default bfloat16)")
+    p.add_argument("--ref-dtype", default=None,
+                   help="frozen reference UNet dtypes, comma-separated (default: the config's "
+                   "train.ref_params_dtype)")
+    p.add_argument("--grad-accum", default=None,
+                   help="micro-batches per step, comma-separated (default: the config's train.grad_accum)")
+    p.add_argument("--attention", default=None,
+                   help="attention kernels, comma-separated: einsum, blocked, auto (default einsum "
+                   "on accelerators, the config's on a CPU)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size in pixels (default: the config's resolution, else the UNet's native size)")
+    p.add_argument("--config", default=None,
+                   help="config file giving the rest of the step (default: configs/dreambench_sd21.py "
+                   "for sd21, configs/sd15.py, configs/tiny.py)")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of HBM to keep free for 'fits' (default 0.1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="candidates compiled in parallel processes (default 1)")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"compiled results cache (default {plan_lib.default_cache_dir()})")
+    p.add_argument("--out", default=None, help="also write the plan as JSON here")
+    p.set_defaults(func=_plan, takes_overrides=True)
     _add_debug_flag(parser)
     return parser
 

@@ -20,10 +20,13 @@ def test_help_lists_commands():
     assert "``" not in out  # plain text, no reStructuredText markup
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and line[4] != " "]
     assert listed == ["demo", "sample", "export", "tiny-pipeline", "negatives", "train", "eval",
-                      "dreambench", "bench", "toy"]  # each command once
+                      "dreambench", "bench", "toy", "plan"]  # each command once
     out = subprocess.run([sys.executable, "-m", "rpo_jax.cli", "sample", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--pretrained" in out and "--num-images" in out
+    out = subprocess.run([sys.executable, "-m", "rpo_jax.cli", "plan", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--topology" in out and "--pairs-per-chip" in out and "--cache-dir" in out
 
 
 def test_tiny_sample_export(tmp_path, capsys):

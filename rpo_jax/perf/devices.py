@@ -24,6 +24,14 @@ class Chip:
     bf16_tflops: float
     memory_gib: float
 
+    @property
+    def hbm_bytes(self) -> float:
+        return self.memory_gib * GIB
+
+    @property
+    def peak_bf16_flops(self) -> float:
+        return self.bf16_tflops * 1e12
+
 
 # Vendors' datasheets: dense bf16 TFLOP/s and HBM per chip. TPU device_kind strings as JAX reports
 # them ("TPU v5 lite" is v5e, "TPU v5" is v5p, "TPU v6 lite" is v6e / Trillium).

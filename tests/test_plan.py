@@ -1,0 +1,109 @@
+"""rpo-jax plan: ahead-of-time compiles of the RPO step for a TPU topology described by libtpu,
+on this CPU host, with a micro UNet (full-size plans are for users: minutes per candidate)."""
+import json
+
+import pytest
+
+from rpo_jax import cli
+from rpo_jax.perf import devices, plan as plan_lib
+
+pytest.importorskip("libtpu", reason="TPU planning needs libtpu (pip install 'rpo-jax[plan]')")
+
+# The smallest UNet the step compiles for: one ResNet level and the cross-attention mid-block.
+MICRO_UNET = {"sample_size": 4, "in_channels": 4, "out_channels": 4, "block_out_channels": [32],
+              "layers_per_block": 1, "down_block_types": ["DownBlock2D"],
+              "up_block_types": ["UpBlock2D"], "cross_attention_dim": 32, "norm_num_groups": 8,
+              "attention_head_dim": [2], "use_linear_projection": True}
+PLAN_ARGS = dict(config_file="configs/tiny.py", overrides=["--config.train.term_grad_norms=false"],
+                 meshes=["data", "fsdp"], pairs_per_chip=[1], remats=[False], resolution=32)
+
+
+@pytest.fixture(scope="module")
+def micro_arch(tmp_path_factory):
+    path = tmp_path_factory.mktemp("arch") / "unet.json"
+    path.write_text(json.dumps(MICRO_UNET))
+    return str(path)
+
+
+def test_plan_v5e_memory_flops_and_cache(micro_arch, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    # Two worker processes (spawned, as --jobs 2 runs them): one candidate each.
+    result = plan_lib.plan(micro_arch, "v5e:2x2", cache_dir=cache, jobs=2, **PLAN_ARGS)
+    assert result["target"]["chips"] == 4 and result["target"]["device_kind"] == "TPU v5 lite"
+    assert result["target"]["hbm_bytes_per_chip"] == 16 * plan_lib.GIB
+    data, fsdp = result["candidates"]
+    assert (data["mesh"], fsdp["mesh"]) == ((4, 1, 1), (1, 4, 1))
+    for r in (data, fsdp):
+        assert r["compiled"] and not r["cached"] and r["batch_size"] == 4
+        assert r["memory"]["argument"] > 0 and r["memory"]["temp"] > 0
+        assert r["cost"]["flops"] > 0 and r["est_step_seconds"] > 0 and r["fits"]
+        assert r["total_bytes"] >= r["memory"]["argument"]
+    # FSDP splits the weights and the AdamW state over the chips; data parallelism replicates them.
+    assert fsdp["memory"]["argument"] < 0.6 * data["memory"]["argument"]
+    assert result["recommended"] in (0, 1)
+    table = plan_lib.markdown(result)
+    assert "| data 4×1×1 | 1 | 4 |" in table and "Recommended" in table
+    assert len(list(cache.glob("*.json"))) == 2
+
+    # A second run compiles nothing: every candidate comes from the cache with the same numbers
+    # (in this process: the patched compile_job would raise).
+    def no_compile(job):
+        raise AssertionError("compiled although cached")
+
+    monkeypatch.setattr(plan_lib, "compile_job", no_compile)
+    again = plan_lib.plan(micro_arch, "v5e:2x2", cache_dir=cache, **PLAN_ARGS)
+    assert all(r["cached"] for r in again["candidates"])
+    assert [r["memory"] for r in again["candidates"]] == [data["memory"], fsdp["memory"]]
+    # ... and a changed setting is a different compile.
+    with pytest.raises(AssertionError, match="compiled although cached"):
+        plan_lib.plan(micro_arch, "v5e:2x2", cache_dir=cache, **dict(PLAN_ARGS, remats=[True]))
+
+
+def test_unknown_topology_is_one_line(capsys):
+    with pytest.raises(ValueError, match=r"--topology v5e:3x3: libtpu does not know .*v5e:2x4"):
+        plan_lib.get_target("v5e:3x3")
+    for name in ("v9x:2x2", "v5litepod-8"):
+        with pytest.raises(ValueError, match=rf"--topology '{name}' is not a TPU GENERATION:GRID.*v5e:2x4"):
+            plan_lib.get_target(name)
+    assert cli.main(["plan", "--arch", "tiny", "--topology", "v5e:3x3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --topology v5e:3x3") and "\n" not in err
+
+
+def test_mesh_must_use_every_device():
+    assert plan_lib.parse_meshes(["both", "2x2x1", "data"], 4, "v5e:2x2") == [
+        ("data", (4, 1, 1)), ("fsdp", (1, 4, 1)), ("2x2x1", (2, 2, 1))]
+    with pytest.raises(ValueError, match=r"--mesh 3x1x1: 3 devices, but v5e:2x2 has 4"):
+        plan_lib.parse_meshes(["3x1x1"], 4, "v5e:2x2")
+    with pytest.raises(ValueError, match=r"--mesh 'dp'"):
+        plan_lib.parse_meshes(["dp"], 4, "v5e:2x2")
+
+
+def test_derived_numbers():
+    """Per-chip arithmetic from XLA's per-device numbers (v4: 2 devices per chip)."""
+    target = plan_lib.Target("v4:2x2x1", [None] * 8, "tpu", "TPU v4", 4, devices.known_chip("TPU v4"),
+                             32 * plan_lib.GIB)
+    cand = plan_lib.Candidate((8, 1, 1), "data", 2, "bfloat16", True, "float32", 3, "einsum")
+    gib = plan_lib.GIB
+    result = {"compiled": True, "cost": {"flops": 1e12, "optimal_seconds": 0.5},
+              "memory": {"argument": 4 * gib, "output": 3 * gib, "alias": 3 * gib, "temp": 9 * gib,
+                         "generated_code": 0.5 * gib}}
+    d = plan_lib.derive(result, cand, target, headroom=0.1)
+    assert d["batch_size"] == 8 and d["pairs_per_step"] == 24 and d["images_per_step"] == 48
+    assert d["total_bytes"] == 13.5 * gib and d["hbm_fraction"] == 13.5 / 16
+    assert d["fits"] is True  # 13.5 GiB ≤ 90% of the 16 GiB of each device
+    assert plan_lib.derive(result, cand, target, headroom=0.2)["fits"] is False
+    assert d["images_per_second_per_chip"] == 48 / 4 / 0.5
+    assert d["est_mfu"] == pytest.approx(2e12 / 0.5 / 275e12)
+    refused = plan_lib.derive(plan_lib._oom_record("RESOURCE_EXHAUSTED: Ran out of memory in memory "
+                                                   "space hbm. Used 20.5G of 15.75G hbm."),
+                              cand, target, headroom=0.1)
+    assert refused["fits"] is False and refused["total_bytes"] == 20.5 * gib
+
+
+def test_cache_key_covers_the_candidate(micro_arch):
+    job = {"topology": "v5e:2x2", "candidate": {"pairs_per_chip": 1}, "unet": MICRO_UNET}
+    key = plan_lib.job_key(job)
+    assert key == plan_lib.job_key(json.loads(json.dumps(job)))
+    assert key != plan_lib.job_key(dict(job, candidate={"pairs_per_chip": 4}))
+    assert key != plan_lib.job_key(dict(job, topology="v5e:2x4"))
