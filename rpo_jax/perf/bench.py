@@ -195,6 +195,22 @@ def summarize(seconds: list[float]) -> dict:
             "runs": len(seconds)}
 
 
+def _first_call_seconds(fn: Callable[[], Any]) -> float:
+    """Seconds of ``fn``'s first call (for a jitted function: tracing and compiling included)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _max_diff(out: dict[str, np.ndarray], bound: float, what: str) -> float:
+    """max |JAX − PyTorch| of the two sides' last outputs; RuntimeError naming ``what`` above
+    ``bound`` (nothing is timed for implementations that disagree)."""
+    diff = float(np.max(np.abs(out["jax"] - out["torch"])))
+    if diff > bound:
+        raise RuntimeError(f"{what} differ by {diff:.3g} (bound {bound:.3g})")
+    return diff
+
+
 def _memory(compiled) -> dict:
     m = compiled.memory_analysis()
     if m is None:
@@ -345,9 +361,7 @@ def bench_sampling(model: str, opts: Options, peak: float, tmp: Path) -> dict:
     def run_jax():
         out["jax"] = np.asarray(sampler(params, init, cond, uncond, opts.guidance))
 
-    t0 = time.perf_counter()
-    run_jax()
-    compile_seconds = time.perf_counter() - t0
+    compile_seconds = _first_call_seconds(run_jax)
     fns: dict[str, Callable] = {"jax": run_jax}
     if opts.torch:
         torch_ref = _torch_side()
@@ -355,15 +369,16 @@ def bench_sampling(model: str, opts: Options, peak: float, tmp: Path) -> dict:
                                           device=torch_ref.settings()["device"], dtype=opts.dtype,
                                           compile=opts.torch_compile)
         fns["torch"] = lambda: out.__setitem__("torch", tsampler(init, cond, uncond))
+        fns["torch"]()
+        bound = TOLERANCE[opts.dtype] * max(1.0, float(np.abs(out["torch"]).max())) * 10
+        check = {"max_abs_latent_diff": _max_diff(out, bound, f"{model}: sampled latents")}
+    else:
+        check = {}
     times = alternate(fns, opts.runs, opts.warmup, opts.settle)
     row = {"part": "sampling", "model": model,
            "what": f"{model}: DDIM {opts.sampling_steps} steps + CFG, {n} images", "images_per_step": n,
-           "compile_seconds": compile_seconds, "seconds": times, "stats": {k: summarize(v) for k, v in times.items()}}
-    if "torch" in out:
-        diff = float(np.max(np.abs(out["jax"] - out["torch"])))
-        row["max_abs_latent_diff"] = diff
-        if diff > TOLERANCE[opts.dtype] * max(1.0, float(np.abs(out["torch"]).max())) * 10:
-            raise RuntimeError(f"{model}: sampled latents differ by {diff:.3g}")
+           "compile_seconds": compile_seconds, **check, "seconds": times,
+           "stats": {k: summarize(v) for k, v in times.items()}}
     _derive(row, peak)
     return row
 
@@ -386,24 +401,21 @@ def bench_reward(opts: Options, peak: float) -> dict:
                                             enc.embed_texts(prompts), 0.5)
         out["jax"] = np.asarray(r)
 
-    t0 = time.perf_counter()
-    run_jax()
-    compile_seconds = time.perf_counter() - t0
+    compile_seconds = _first_call_seconds(run_jax)
     fns: dict[str, Callable] = {"jax": run_jax}
     if opts.torch:
         torch_ref = _torch_side()
         treward = torch_ref.TorchReward(folder, enc.kind, device=torch_ref.settings()["device"])
         fns["torch"] = lambda: out.__setitem__("torch", treward(images, refs, prompts, 0.5))
+        fns["torch"]()
+        check = {"max_abs_reward_diff": _max_diff(out, 1e-4, "rewards of the Flax and transformers encoders")}
+    else:
+        check = {}
     times = alternate(fns, opts.runs, opts.warmup, opts.settle)
     row = {"part": "reward", "model": f"{enc.kind} {folder.name}",
            "what": f"reward r_0.5: {enc.kind} ({folder.name}), {opts.reward_images} images of 512 px",
-           "images_per_step": opts.reward_images, "compile_seconds": compile_seconds, "seconds": times,
-           "stats": {k: summarize(v) for k, v in times.items()}}
-    if "torch" in out:
-        diff = float(np.max(np.abs(out["jax"] - out["torch"])))
-        row["max_abs_reward_diff"] = diff
-        if diff > 1e-4:
-            raise RuntimeError(f"rewards differ by {diff:.3g} between the Flax and transformers encoders")
+           "images_per_step": opts.reward_images, "compile_seconds": compile_seconds, **check,
+           "seconds": times, "stats": {k: summarize(v) for k, v in times.items()}}
     _derive(row, peak)
     return row
 
