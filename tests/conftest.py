@@ -1,5 +1,6 @@
 """Shared test setup: 8 host devices for sharding tests, and reference-model helpers."""
 import os
+import pathlib
 import tempfile
 
 # Must happen before jax is imported anywhere.
@@ -26,6 +27,19 @@ def max_rel_err(out, ref):
     """max |out - ref| / max(1, max |ref|): the parity measure used throughout the tests."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+def error_line(err):
+    """The one 'error: ...' line of stderr (progress bars may precede it); no traceback."""
+    assert "Traceback" not in err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def file_tree(folder):
+    """{relative path: bytes} of every file under ``folder``: what a failed run must leave unchanged."""
+    return {p.relative_to(folder): p.read_bytes() for p in pathlib.Path(folder).rglob("*") if p.is_file()}
 
 
 def nchw(x):

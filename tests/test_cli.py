@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import error_line as _error_line, file_tree as _files
 from rpo_jax import cli
 from rpo_jax.cli import main
 
@@ -103,15 +104,6 @@ def test_a_bug_inside_jax_shows_its_traceback(monkeypatch):
 
 # ---- faults -------------------------------------------------------------------------------------
 
-def _error_line(err):
-    assert "Traceback" not in err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err[-2000:]
-    return lines[0]
-
-
-def _files(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in pathlib.Path(folder).rglob("*") if p.is_file()}
 
 
 @pytest.fixture

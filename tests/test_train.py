@@ -19,6 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import error_line as _error_line, file_tree as _files
 from rpo_jax.core import config as config_lib
 from rpo_jax.jobs import job as job_lib
 from rpo_jax.rpo import train
@@ -200,16 +201,6 @@ def test_metrics_log_drops_lines_after_the_resume_step_and_cut_off_lines(tmp_pat
 
 # ---- faults ---------------------------------------------------------------------------------------
 
-def _error_line(err):
-    """The one 'error: ...' line of stderr (progress bars may precede it); no traceback."""
-    assert "Traceback" not in err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err[-2000:]
-    return lines[0]
-
-
-def _files(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in pathlib.Path(folder).rglob("*") if p.is_file()}
 
 
 def _steps(folder):
