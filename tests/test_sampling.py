@@ -71,3 +71,22 @@ def test_a_diverged_unet_gives_an_error_not_black_images(pipe):
     with pytest.raises(sampling.NonFiniteImages, match="'a red"):
         sampling.finite_uint8(np.array([[[[np.inf, 0, 0]]]]), repr(PROMPTS[1]))
     np.testing.assert_array_equal(sampling.finite_uint8(np.zeros((1, 1, 1, 3)), "x"), 128)
+
+
+def test_split_and_batched_guidance_give_the_same_latents(pipe):
+    """CFG as one UNet call on [uncond; cond] or as two calls (the CPU default): same latents."""
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
+    cond = pipe.encode_prompts(PROMPTS + PROMPTS[:1])
+    uncond = np.broadcast_to(pipe.encode_prompts([""]), cond.shape)
+    out = {form: np.asarray(sampling.DDIMSampler(pipe.unet, pipe.schedule, 3, guidance_form=form)(
+        pipe.unet_params, latents, cond, uncond, 7.5)) for form in ("batched", "split")}
+    np.testing.assert_allclose(out["split"], out["batched"], rtol=0, atol=1e-4)  # float reassociation
+    assert np.abs(out["split"] - latents).max() > 0.1  # the UNet did something
+
+
+def test_split_guidance_is_the_cpu_default():
+    assert sampling.split_guidance("auto", "cpu") and not sampling.split_guidance("auto", "tpu")
+    assert sampling.split_guidance("split", "gpu") and not sampling.split_guidance("batched", "cpu")
+    with pytest.raises(ValueError, match="guidance form"):
+        sampling.split_guidance("halves")
