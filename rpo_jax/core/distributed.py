@@ -73,7 +73,8 @@ class Settings:
         if self.mode == "explicit":
             return (f"process {self.process_id} of {self.num_processes}, coordinator "
                     f"{self.coordinator_address}")
-        return f"{self.mode} cluster (auto-detected by JAX)"
+        return (f"{self.mode} cluster (auto-detected by JAX): process {jax.process_index()} of "
+                f"{jax.process_count()}")
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -165,8 +166,8 @@ def initialize(settings: Settings | None) -> None:
                                    heartbeat_timeout_seconds=settings.heartbeat_timeout)
     else:
         jax.distributed.initialize(heartbeat_timeout_seconds=settings.heartbeat_timeout)
-    log.info(f"[distributed] {settings.describe()}: process {jax.process_index()} of "
-             f"{jax.process_count()}, {jax.local_device_count()} local and {jax.device_count()} "
+    log.info(f"[distributed] {settings.describe()}: {jax.local_device_count()} local and "
+             f"{jax.device_count()} "
              f"devices in all; a peer silent for {settings.heartbeat_timeout}s stops the job",
              extra=logs.ALL_PROCESSES)
 
