@@ -119,3 +119,114 @@ def test_only_process_0_writes_the_workdir_files(runs):
     assert leftovers == []
     lines = (two / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if json.loads(line)["kind"] == "val"] == [0, 2, 4]
+
+
+# ---- preemption, a dead peer, and restore across topologies (slow: ~6 min on 2 cores) ---------
+
+LONG = ["--config.train.max_steps=12", "--config.eval.every=6", "--config.train.checkpoint_every=4",
+        "--config.train.log_every=1"]
+
+
+def start(n: int, devices: int, workdir: Path, *extra: str, heartbeat: int = 10):
+    """``n`` processes of ``rpo-jax train`` started directly (no launcher: a test signals one and
+    watches the others); returns [(Popen, log path)]."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    out = []
+    for i in range(n):
+        log = workdir.parent / f"{workdir.name}.process_{i}.log"
+        cmd = [sys.executable, str(CLI), "train", "--config", str(ROOT / "configs" / "tiny.py"),
+               "--workdir", str(workdir), *SMALL, *LONG, *extra,
+               "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(n),
+               "--process-id", str(i), "--heartbeat-timeout", str(heartbeat)]
+        out.append((subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log))
+    return out
+
+
+def wait_for(log: Path, text: str, procs, timeout: float = 400) -> None:
+    import time
+    t0 = time.monotonic()
+    while text not in log.read_text(errors="replace"):
+        assert all(p.poll() is None for p, _ in procs), log.read_text()[-3000:]
+        assert time.monotonic() - t0 < timeout, f"{text!r} not in {log} after {timeout}s"
+        time.sleep(0.2)
+
+
+def assert_same_params(a: Path, b: Path) -> None:
+    fa, fb = final_state(a), final_state(b)
+    assert int(fa["step"]) == int(fb["step"]) == 12
+    for x, y in zip(jax.tree.leaves(fa["params"]), jax.tree.leaves(fb["params"])):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 1 x 4 run of LONG."""
+    ref = tmp_path_factory.mktemp("reference") / "w"
+    r = launch(1, 4, ref, *LONG)
+    assert r.returncode == 0, r.stderr[-3000:] + logs_of(ref)
+    return ref
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_saves_the_same_step_everywhere_and_resumes(tmp_path, reference):
+    import shutil
+    work = tmp_path / "w"
+    procs = start(2, 2, work)
+    wait_for(procs[0][1], "[eval] step 0", procs)
+    procs[1][0].send_signal(15)
+    codes = [p.wait(timeout=120) for p, _ in procs]
+    assert codes == [143, 143], [log.read_text()[-2000:] for _, log in procs]
+    saved = json.loads((work / "summary.json").read_text())
+    assert saved["interrupted"] and 0 < saved["final_step"] < 12
+    steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == saved["final_step"]
+    for i, (_, log) in enumerate(procs):  # every process stopped at that step
+        assert f"Reached preemption sync point, step={saved['final_step']}" in log.read_text(), i
+    # the 2 x 2 checkpoint restores on 1 x 4 and continues to the reference's params
+    other = tmp_path / "on_one_process"
+    shutil.copytree(work, other)
+    r = launch(1, 4, other, *LONG)
+    assert r.returncode == 0, r.stderr[-3000:] + logs_of(other)
+    assert_same_params(other, reference)
+    # and the relaunched 2 x 2 job resumes to the same params
+    r = launch(2, 2, work, *LONG)
+    assert r.returncode == 0, r.stderr[-3000:] + logs_of(work)
+    assert "resumed from" in logs_of(work)
+    assert_same_params(work, reference)
+
+
+@pytest.mark.slow
+def test_a_dead_peer_stops_the_others_and_a_relaunch_resumes(tmp_path, reference):
+    import time
+    work = tmp_path / "w"
+    heartbeat = 10
+    procs = start(2, 2, work, heartbeat=heartbeat)
+    wait_for(procs[0][1], "[eval] step 0", procs)
+    procs[1][0].kill()
+    t0 = time.monotonic()
+    code = procs[0][0].wait(timeout=heartbeat + 60)
+    waited = time.monotonic() - t0
+    procs[1][0].wait()
+    assert code != 0 and waited < heartbeat + 30, (code, waited)
+    text = procs[0][1].read_text(errors="replace")
+    assert "JAX distributed service detected fatal errors" in text and "another task died" in text
+    r = launch(2, 2, work, *LONG)
+    assert r.returncode == 0, r.stderr[-3000:] + logs_of(work)
+    assert_same_params(work, reference)
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_restores_on_two_processes(tmp_path, reference):
+    work = tmp_path / "w"
+    r = launch(1, 4, work, *LONG, "--config.train.max_steps=4")  # stops at step 4 (resumable key)
+    assert r.returncode == 0, r.stderr[-3000:] + logs_of(work)
+    r = launch(2, 2, work, *LONG)
+    assert r.returncode == 0, r.stderr[-3000:] + logs_of(work)
+    assert "resumed from" in logs_of(work)
+    assert_same_params(work, reference)

@@ -16,8 +16,13 @@ meet (a pure function of the command-line flags and the environment):
 :func:`initialize` then calls ``jax.distributed.initialize`` with a heartbeat timeout
 (``--heartbeat-timeout`` / ``RPO_JAX_HEARTBEAT_TIMEOUT``, default :data:`DEFAULT_HEARTBEAT`
 seconds): when a peer dies (SIGKILL, a lost host), JAX's coordination service stops every
-other process within about that time instead of letting it hang in a collective; its message
-names the dead task ("... heartbeat ..." / "... task ... died ...").
+other process within about that time instead of letting it hang in a collective. JAX ends
+them with SIGABRT (exit status 134 in a shell; its C++ log says "Terminating process because
+the JAX distributed service detected fatal errors. This most likely indicates that another
+task died" and names the unhealthy tasks). jax.distributed.initialize offers no hook to
+replace that abort (jaxlib's client-side callback cannot be given a Python function: its
+status argument has no Python type), so :data:`PEER_DIED` is what the launchers look for to
+say in one line that a peer died.
 
 The data helpers work on one process and on many:
 
@@ -51,6 +56,7 @@ ENV_PROCESS_ID = "RPO_JAX_PROCESS_ID"
 ENV_HEARTBEAT = "RPO_JAX_HEARTBEAT_TIMEOUT"
 ENV_SWITCH = "RPO_JAX_DISTRIBUTED"  # "off": never initialize (one process)
 DEFAULT_HEARTBEAT = 60  # seconds; JAX's own default is 100
+PEER_DIED = "JAX distributed service detected fatal errors"  # in the log of a process JAX stopped
 FLAGS = {"coordinator_address": "--coordinator-address", "num_processes": "--num-processes",
          "process_id": "--process-id"}
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
