@@ -9,8 +9,11 @@ files in the workdir (every Python-level write of process 1 is recorded by tests
 """
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -130,7 +133,6 @@ LONG = ["--config.train.max_steps=12", "--config.eval.every=6", "--config.train.
 def start(n: int, devices: int, workdir: Path, *extra: str, heartbeat: int = 10):
     """``n`` processes of ``rpo-jax train`` started directly (no launcher: a test signals one and
     watches the others); returns [(Popen, log path)]."""
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -149,7 +151,6 @@ def start(n: int, devices: int, workdir: Path, *extra: str, heartbeat: int = 10)
 
 
 def wait_for(log: Path, text: str, procs, timeout: float = 400) -> None:
-    import time
     t0 = time.monotonic()
     while text not in log.read_text(errors="replace"):
         assert all(p.poll() is None for p, _ in procs), log.read_text()[-3000:]
@@ -175,7 +176,6 @@ def reference(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sigterm_on_one_process_saves_the_same_step_everywhere_and_resumes(tmp_path, reference):
-    import shutil
     work = tmp_path / "w"
     procs = start(2, 2, work)
     wait_for(procs[0][1], "[eval] step 0", procs)
@@ -203,7 +203,6 @@ def test_sigterm_on_one_process_saves_the_same_step_everywhere_and_resumes(tmp_p
 
 @pytest.mark.slow
 def test_a_dead_peer_stops_the_others_and_a_relaunch_resumes(tmp_path, reference):
-    import time
     work = tmp_path / "w"
     heartbeat = 10
     procs = start(2, 2, work, heartbeat=heartbeat)
