@@ -60,24 +60,25 @@ for ((i = 0; i < N; i++)); do
 done
 if [[ -t 2 ]]; then tail -n +1 -f --pid "${PIDS[0]}" "$LOGS/process_0.log" >&2 & fi
 
-# Wait for the processes one at a time as they end; the first failure stops the rest.
+# Poll the processes (robust against ones that end before we look); the first failure kills the rest.
 STATUS=0
 declare -A DONE=()
 while [[ ${#DONE[@]} -lt $N ]]; do
-  LEFT=()
-  for ((i = 0; i < N; i++)); do [[ -z "${DONE[$i]:-}" ]] && LEFT+=("${PIDS[$i]}"); done
-  set +e
-  wait -n -p ENDED "${LEFT[@]}"
-  RC=$?
-  set -e
-  [[ -n "${ENDED:-}" ]] || continue  # a trapped signal interrupted wait
-  for ((i = 0; i < N; i++)); do [[ "${PIDS[$i]}" == "$ENDED" ]] && DONE[$i]=$RC; done
-  if [[ $RC -ne 0 && $STATUS -eq 0 ]]; then
-    STATUS=$RC
-    for ((i = 0; i < N; i++)); do [[ "${PIDS[$i]}" == "$ENDED" ]] && echo "[local_multiprocess] process $i exited with status $RC (log: $LOGS/process_$i.log)" >&2; done
-    if [[ $RC -ne 143 ]]; then stop_all; fi
-  fi
-  ENDED=""
+  for ((i = 0; i < N; i++)); do
+    [[ -n "${DONE[$i]:-}" ]] && continue
+    kill -0 "${PIDS[$i]}" 2>/dev/null && continue
+    set +e
+    wait "${PIDS[$i]}"
+    RC=$?
+    set -e
+    DONE[$i]=$RC
+    if [[ $RC -ne 0 && $STATUS -eq 0 ]]; then
+      STATUS=$RC
+      echo "[local_multiprocess] process $i exited with status $RC (log: $LOGS/process_$i.log)" >&2
+      if [[ $RC -ne 143 ]]; then stop_all; fi
+    fi
+  done
+  [[ ${#DONE[@]} -lt $N ]] && sleep 0.2
 done
 for ((i = 0; i < N; i++)); do
   if [[ ${DONE[$i]} -ne 0 ]]; then

@@ -189,6 +189,7 @@ def _join(args: argparse.Namespace) -> None:
     """Join a multi-process job (flags, env, or an auto-detected cluster) before JAX starts."""
     distributed.initialize(distributed.settings_from(
         args.coordinator_address, args.num_processes, args.process_id, args.heartbeat_timeout))
+    compile_cache.disable_for_multiprocess_cpu()
 
 
 def _negatives(args: argparse.Namespace) -> int:

@@ -206,7 +206,7 @@ def test_a_dead_peer_stops_the_others_and_a_relaunch_resumes(tmp_path, reference
     work = tmp_path / "w"
     heartbeat = 10
     procs = start(2, 2, work, heartbeat=heartbeat)
-    wait_for(procs[0][1], "[eval] step 0", procs)
+    wait_for(procs[0][1], " 6/12 [", procs)  # step 6 under way: step 4 was checkpointed
     procs[1][0].kill()
     t0 = time.monotonic()
     code = procs[0][0].wait(timeout=heartbeat + 60)
@@ -217,6 +217,7 @@ def test_a_dead_peer_stops_the_others_and_a_relaunch_resumes(tmp_path, reference
     assert "JAX distributed service detected fatal errors" in text and "another task died" in text
     r = launch(2, 2, work, *LONG)
     assert r.returncode == 0, r.stderr[-3000:] + logs_of(work)
+    assert "resumed from" in logs_of(work)
     assert_same_params(work, reference)
 
 
