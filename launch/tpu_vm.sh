@@ -3,7 +3,7 @@
 #
 #   launch/tpu_vm.sh [OPTIONS] NAME ZONE CMD...
 #   launch/tpu_vm.sh my-v5e-16 us-west4-a rpo-jax train --config configs/dreambench_sd21.py \
-#       --workdir gs://my-bucket/runs/dog
+#       --workdir /mnt/rpo/runs/dog
 #
 # 1. ships the project to ~/rpo-jax on every worker: this checkout's committed tree (git archive
 #    of HEAD, copied with `gcloud compute tpus tpu-vm scp --worker=all`), or --git URL [--ref REF]
@@ -12,8 +12,8 @@
 #    `pip install -e .`) plus JAX's TPU runtime (`pip install 'jax[tpu]'`);
 # 3. runs `CMD` on all workers at once (`gcloud compute tpus tpu-vm ssh --worker=all`); JAX finds
 #    the other hosts by itself (rpo-jax auto-detects the TPU VM: docs/command-line.md).
-# The workdir must be one path every worker sees: a gs:// bucket (Orbax and rpo-jax write it) or
-# a shared file system. Each worker's output goes to ~/rpo-jax-logs/<NAME>-<hostname>.log on that
+# The workdir must be one path every worker sees: a shared file system (Filestore / NFS) or a
+# bucket mounted with gcsfuse at the same path on every worker (rpo-jax refuses gs:// URLs). Each worker's output goes to ~/rpo-jax-logs/<NAME>-<hostname>.log on that
 # worker; all of it also streams here (and to --logs FILE). Re-running the same command resumes
 # from the last checkpoint in the workdir.
 #

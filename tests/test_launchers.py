@@ -64,7 +64,7 @@ def test_local_failure_of_one_process_stops_the_rest(tmp_path):
 
 def test_tpu_vm_dry_run_prints_the_gcloud_commands():
     r = sh("tpu_vm.sh", "--dry-run", "--project", "proj", "my-v5e-16", "us-west4-a", "rpo-jax",
-           "train", "--config", "configs/dreambench_sd21.py", "--workdir", "gs://bucket/runs/dog")
+           "train", "--config", "configs/dreambench_sd21.py", "--workdir", "/mnt/rpo/runs/dog")
     assert r.returncode == 0, r.stderr
     lines = [shlex.split(line) for line in r.stdout.splitlines()]
     assert lines[0][:2] == ["git", "-C"] and "archive" in lines[0]
@@ -76,7 +76,7 @@ def test_tpu_vm_dry_run_prints_the_gcloud_commands():
         assert "--worker=all" in line and "proj" in line
     assert ". launch/env.sh" in install[-1] and "jax[tpu]" in install[-1]
     remote = run[-1]
-    assert "rpo-jax train --config configs/dreambench_sd21.py --workdir gs://bucket/runs/dog" in remote
+    assert "rpo-jax train --config configs/dreambench_sd21.py --workdir /mnt/rpo/runs/dog" in remote
     assert "tee ~/rpo-jax-logs/my-v5e-16-$(hostname).log" in remote
 
 
