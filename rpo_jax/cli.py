@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rpo_jax.core import compile_cache, config as config_lib, fsutil, logs, tpu_env, workdir_lock
+from rpo_jax.core import (compile_cache, config as config_lib, distributed, fsutil, logs, tpu_env,
+                          workdir_lock)
 from rpo_jax.evaluation import heldout
 from rpo_jax.jobs import assets, job as job_lib, toy_experiment
 from rpo_jax.models import attention, lora, unet as unet_lib
@@ -184,8 +185,16 @@ def _demo(args: argparse.Namespace) -> int:
     return _sample(sample_args)
 
 
+def _join(args: argparse.Namespace) -> None:
+    """Join a multi-process job (flags, env, or an auto-detected cluster) before JAX starts."""
+    distributed.initialize(distributed.settings_from(
+        args.coordinator_address, args.num_processes, args.process_id, args.heartbeat_timeout))
+    compile_cache.disable_for_multiprocess_cpu()
+
+
 def _negatives(args: argparse.Namespace) -> int:
     config = config_lib.resolve(args.config, args.overrides)
+    _join(args)
     with job_lib.Job(config, args.workdir, record_config=False) as job:
         manifest = job.negatives()
     p = manifest["label_probability"]
@@ -199,6 +208,7 @@ def _negatives(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     config = config_lib.resolve(args.config, args.overrides)
+    _join(args)
     summary = job_lib.train_and_evaluate(config, args.workdir)
     return 143 if summary["interrupted"] else 0
 
@@ -370,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "e.g. --config.negatives.k=4.")
     p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
     p.add_argument("--workdir", required=True, help="the run's folder")
+    _add_distributed_flags(p)
     p.set_defaults(func=_negatives, takes_overrides=True)
 
     p = sub.add_parser("train", help="RPO: negatives → training → validation-based selection",
@@ -383,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "e.g. --config.train.max_steps=400.")
     p.add_argument("--config", required=True, help="config file, e.g. configs/toy.py")
     p.add_argument("--workdir", required=True, help="the run's folder")
+    _add_distributed_flags(p)
     p.set_defaults(func=_train, takes_overrides=True)
 
     p = sub.add_parser("eval", help="DreamBench metrics of a run's best UNet (or a base pipeline)",
@@ -564,6 +576,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plan, takes_overrides=True)
     _add_debug_flag(parser)
     return parser
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    """A multi-process (multi-host) job's flags; on TPU VMs, SLURM and Open MPI JAX finds them."""
+    g = p.add_argument_group(
+        "multi-host", "One process per host, all running the same command. On a Cloud TPU VM, "
+        "under SLURM (more than one task) or Open MPI the processes find each other by "
+        f"themselves ({distributed.ENV_SWITCH}=off: never); elsewhere (e.g. "
+        "launch/local_multiprocess.sh) give the three values below, as flags or as "
+        f"{distributed.ENV_COORDINATOR}, {distributed.ENV_NUM_PROCESSES}, "
+        f"{distributed.ENV_PROCESS_ID}. See README 'Pods and clusters'.")
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="process 0's address and a free port, the same on every process")
+    g.add_argument("--num-processes", default=None, type=int, metavar="N",
+                   help="how many processes the job has (1: a single-process run)")
+    g.add_argument("--process-id", default=None, type=int, metavar="I",
+                   help="this process's number, 0 .. N-1 (process 0 writes the workdir's files)")
+    g.add_argument("--heartbeat-timeout", default=None, type=int, metavar="SECONDS",
+                   help="a peer silent this long counts as dead and stops every process "
+                        f"(default {distributed.DEFAULT_HEARTBEAT}; {distributed.ENV_HEARTBEAT})")
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:

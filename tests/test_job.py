@@ -62,3 +62,10 @@ def test_few_photos_and_broken_links_are_warnings_listing_them(tmp_path, caplog)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("dangling.jpg" in w and "loop.jpg" in w for w in warnings), warnings
     assert any("holds 1 reference photo(s) (00.jpg)" in w and "3-6" in w for w in warnings), warnings
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--workdir gs://bucket/run: URLs are not supported"):
+        job_lib.Job(_config(), "gs://bucket/run")
+    assert list(tmp_path.iterdir()) == []

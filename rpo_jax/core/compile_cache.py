@@ -42,3 +42,14 @@ def configure(environ: Mapping[str, str] = os.environ) -> Path | None:
     folder = Path(value).expanduser() if value else default_dir(environ)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     return folder
+
+
+def disable_for_multiprocess_cpu() -> bool:
+    """Turn the cache off in a multi-process job on CPU devices (gloo collectives): there, a
+    program with cross-process collectives read back from the cache failed (a relaunched
+    2-process job stopped in its first all-gather, tests/test_multihost.py), so every process
+    compiles afresh. Returns whether it turned the cache off. Call after joining the job."""
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return True
+    return False

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from rpo_jax import toy
+from rpo_jax.core import distributed, logs
 from rpo_jax.testing import tiny, tiny_encoders
 
 TINY = {
@@ -44,11 +45,13 @@ def resolve(spec: str, assets_dir: str | os.PathLike, key: str) -> Path:
         if spec not in TINY:
             raise ValueError(f"config key {key!r}: unknown {spec!r}; known: {sorted(TINY)}")
         out = Path(assets_dir).absolute() / spec.replace(":", "-")
-        if not (out / COMPLETE).is_file():
+        # a multi-process job: process 0 makes them, the others wait and read them
+        if logs.is_primary() and not (out / COMPLETE).is_file():
             if out.exists():
                 shutil.rmtree(out)
             TINY[spec](out)
             (out / COMPLETE).touch()
+        distributed.barrier(f"assets {out}")
         return out
     path = Path(spec).expanduser()
     if not path.is_dir():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -110,6 +111,9 @@ class Job:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                  models: Models | None = None, record_config: bool = True):
         self.config = config
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(workdir)):
+            raise ValueError(f"--workdir {os.fspath(workdir)}: URLs are not supported; give a folder "
+                             "(on a pod, one every host sees: NFS, or a bucket mounted with gcsfuse)")
         self.workdir = Path(workdir).absolute()
         self.models = models if models is not None else Models()
         self.lock: workdir_lock.WorkdirLock | None = None

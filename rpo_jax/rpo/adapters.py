@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from rpo_jax.core import partitioning
+from rpo_jax.core import distributed, partitioning
 from rpo_jax.models import lora, unet as unet_lib
 
 
@@ -64,7 +64,7 @@ def init_adapters(unet, cfg: lora.LoraConfig, mesh, rules, seed: int) -> tuple[A
     """(adapters on ``mesh``, their shardings): PEFT's initialisation, seeded by ``seed``."""
     abstract = abstract_adapters(unet, cfg)
     shardings = partitioning.param_shardings(abstract, mesh, rules)
-    return jax.device_put(lora.init_adapters(abstract, seed), shardings), shardings
+    return distributed.put(lora.init_adapters(abstract, seed), shardings), shardings
 
 
 def unet_params(base: Any, adapters: Any, cfg: lora.LoraConfig) -> lora.LoraParams:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rpo_jax.core import fsutil, images as images_lib, logs
+from rpo_jax.core import distributed, fsutil, images as images_lib, logs
 from rpo_jax.reward import harmonic as reward_lib
 from rpo_jax.rpo.prompts import LIVE_PROMPTS, OBJECT_PROMPTS, REFERENCE_PROMPT
 from rpo_jax.sd.sampling import NOISE, sample_image_sets
@@ -216,6 +216,9 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
     }
     fp = fingerprint(fp_settings)
     manifest_path = out_dir / "manifest.json"
+    # Several processes: all read the folder as it is now (no process writes it before the
+    # sampling they all take part in), so they agree on reusing or sampling.
+    distributed.barrier(f"negatives checked {out_dir}")
     if manifest_path.is_file():
         try:
             old = json.loads(manifest_path.read_text())
@@ -271,6 +274,7 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
         for rec, image in zip(manifest["negatives"], negatives):
             Image.fromarray(image).save(tmp / rec["file"])
         fsutil.write_json(manifest, tmp / "manifest.json")
+    distributed.barrier(f"negatives written {out_dir}")  # process 0 wrote them; the others read
     return manifest
 
 

@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from rpo_jax.core import fsutil, images as images_lib, logs, partitioning
+from rpo_jax.core import distributed, fsutil, images as images_lib, logs, partitioning
 from rpo_jax.models import base, lora as lora_lib, unet as unet_lib, vae as vae_lib
 from rpo_jax.reward import harmonic as reward_lib
 from rpo_jax.rpo import adapters, checkpoints as ckpt_lib, objective, preference
@@ -528,6 +528,20 @@ def load_best_params(workdir: str | os.PathLike, abstract_params: Any,
 
 # ---- the job --------------------------------------------------------------------------------------
 
+def batch_layout(config, mesh: jax.sharding.Mesh) -> dict:
+    """How a step's pairs spread over the job (summary.json): ``global_batch`` = train.batch_size
+    pairs per micro-batch over all processes, ``grad_accum`` micro-batches per step,
+    ``pairs_per_step`` = their product, ``per_device_batch`` = pairs per micro-batch on each
+    device of the ('data', 'fsdp') axes (fractional when they do not divide the batch: then
+    the batch is replicated) and ``processes`` (``devices`` is the summary's own key)."""
+    t = config.train
+    data = mesh.shape["data"] * mesh.shape["fsdp"]
+    return {"global_batch": t.batch_size, "grad_accum": t.grad_accum,
+            "pairs_per_step": t.batch_size * t.grad_accum,
+            "per_device_batch": t.batch_size / data if t.batch_size % data else t.batch_size // data,
+            "processes": jax.process_count()}
+
+
 def has_checkpoints(workdir: str | os.PathLike) -> bool:
     """Whether ``workdir/checkpoints`` holds a saved step (a run that has trained)."""
     folder = Path(workdir) / "checkpoints"
@@ -575,15 +589,15 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     param_shardings = partitioning.param_shardings(abstract, mesh, rules)
     lora_cfg = adapters.lora_config(config)
     if lora_cfg is None:
-        params = jax.device_put(pipe.unet_params, param_shardings, may_alias=False)
+        params = distributed.put(pipe.unet_params, param_shardings, may_alias=False)
         trained_shardings = param_shardings
         sampled = lambda p: p
     else:
         params, trained_shardings = adapters.init_adapters(pipe.unet, lora_cfg, mesh, rules, t.seed)
         sampled = lambda p: adapters.unet_params(ref_params, p, lora_cfg)
     ref_dtype = jnp.dtype(t.ref_params_dtype)
-    ref_params = jax.device_put(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), pipe.unet_params),
-                                param_shardings)
+    ref_params = distributed.put(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), pipe.unet_params),
+                                 param_shardings)
     tx = make_optimizer(config)
     opt_state = init_opt_state(tx, params, trained_shardings, replicated)
     memory = {"trainable_params": lora_lib.count(params)[0], "trainable_bytes": lora_lib.count(params)[1],
@@ -593,11 +607,12 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
              f"trainable params ({memory['trainable_bytes'] / 2**20:.2f} MiB), optimizer state "
              f"{memory['optimizer_state_bytes'] / 2**20:.2f} MiB, frozen UNet "
              f"{memory['frozen_bytes'] / 2**20:.2f} MiB")
-    state = TrainState(step=jax.device_put(jnp.int32(0), replicated), params=params,
+    state = TrainState(step=distributed.put(np.int32(0), replicated), params=params,
                        opt_state=opt_state,
-                       rng=jax.device_put(jax.random.key_data(jax.random.PRNGKey(t.seed)), replicated))
+                       rng=distributed.put(np.asarray(jax.random.key_data(jax.random.PRNGKey(t.seed))),
+                                           replicated))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    cache = jax.device_put(cache, replicated)
+    cache = distributed.put(cache, replicated)  # every process built the same cache
 
     meta = {"best_reward": None, "best_step": None, "evals": [], "evals_since_best": 0,
             "sweep": {}}  # λ (str) → {"best_reward", "best_step"} for eval.lambda_sweep
@@ -634,9 +649,14 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     metrics_log = MetricsLog(workdir, start_step)
     validator = Validator(config, pipe, encoder, data, mesh)
     sweep_ckpt = {lam: _best_manager(workdir, lam) for lam in validator.sweep}
-    (workdir / "samples").mkdir(exist_ok=True)
+    if logs.is_primary():
+        (workdir / "samples").mkdir(exist_ok=True)
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    # SIGTERM: on one process this handler; on several, JAX's preemption service (it catches
+    # SIGTERM on any process, and every process stops at the same step: see the loop)
+    multiprocess = distributed.is_multiprocess()
+    previous = None if multiprocess else signal.signal(
+        signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
     def evaluate(step: int) -> None:
         t_eval = time.perf_counter()
@@ -732,9 +752,11 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     try:
         while step < t.max_steps and stop["signal"] is None:
             idx = pair_indices(step, data.num_pairs, per_step, t.seed).reshape(t.grad_accum, t.batch_size)
-            state, metrics = compiled(state, ref_params, cache, jax.device_put(idx, replicated))
+            state, metrics = compiled(state, ref_params, cache, distributed.put(idx, replicated))
             step += 1
             clock["steps"] += 1
+            if multiprocess and distributed.preemption_sync_point(step):
+                stop["signal"] = signal.SIGTERM  # every process saves this same step, then stops
             pending.append((step, metrics["nonfinite"]))
             check_nonfinite(keep_in_flight=1)
             if step % t.log_every == 0 or step == t.max_steps:
@@ -769,7 +791,8 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
             log.info(f"[train] SIGTERM: saved step {step} to {workdir / 'checkpoints'}; re-run the same "
                   "command to resume")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         bar.close()
         with ckpt_lib.writing(workdir / "checkpoints"):
             ckpt.wait_until_finished()
@@ -788,6 +811,7 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
         "images_per_second": 2 * per_step / median_step if step_times else None,
         "tflops_per_device": flops_per_step / median_step / 1e12 if step_times else None,
         "devices": jax.device_count(), "mesh": dict(mesh.shape),
+        **batch_layout(config, mesh),
         "memory": memory, "lora": None if lora_cfg is None else lora_cfg.to_peft(),
     }
     fsutil.write_json(summary, workdir / SUMMARY_FILE)

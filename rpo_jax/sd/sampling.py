@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rpo_jax.core import logs, partitioning
+from rpo_jax.core import distributed, logs, partitioning
 from rpo_jax.models import lora
 from rpo_jax.sd.schedulers import NoiseSchedule, ddim_step
 
@@ -171,13 +171,13 @@ def _noise_fn(shape: tuple[int, ...]):
 
 def _on_mesh(params: Any, mesh) -> Any:
     """``params`` with every leaf on ``mesh``: leaves already sharded over it (a training
-    state's) stay as they are, others are replicated over it."""
+    state's) stay as they are, others are replicated over it (every process's devices)."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     def place(x):
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
             return x
-        return jax.device_put(x, replicated)
+        return distributed.put(x, replicated)
     return jax.tree.map(place, params)
 
 
@@ -194,7 +194,8 @@ def sample_image_sets(pipe, unet_params: Any, prompts: Sequence[str], *, num_ima
     are sampled in chunks of one fixed size (the last padded), so one compiled program serves
     every chunk; with ``mesh`` the chunks are sharded over its 'data' and 'fsdp' axes (the size
     rounded up to a multiple of their device count) and params not yet on the mesh are
-    replicated over it.
+    replicated over it. On a multi-host mesh the chunks are split over every host's devices and
+    every process returns all the images.
 
     ``pipe``: a :class:`rpo_jax.sd.pipeline.StableDiffusion` (its text encoder, sampler, VAE).
     """
@@ -214,7 +215,7 @@ def sample_image_sets(pipe, unet_params: Any, prompts: Sequence[str], *, num_ima
     uncond = pipe.encode_prompts([negative_prompt])
     sampler = pipe.sampler(num_inference_steps, 0.0, guidance_scale > 1.0)
     if mesh is not None:
-        place = lambda a: jax.device_put(a, partitioning.batch_sharding(mesh, a.ndim))
+        place = lambda a: distributed.put(a, partitioning.batch_sharding(mesh, a.ndim))
         unet_params = _on_mesh(unet_params, mesh)
     else:
         place = lambda a: a
@@ -227,6 +228,9 @@ def sample_image_sets(pipe, unet_params: Any, prompts: Sequence[str], *, num_ima
         cond = cond_all[prompt_index[padded]]
         neg = jnp.broadcast_to(uncond, cond.shape)
         z = sampler(unet_params, place(latents), place(cond), place(neg), guidance_scale)
-        out.append(finite_uint8(pipe.decode_latents(z), f"{prompts[prompt_index[idx[0]]]!r}")[: len(idx)])
+        # several processes: the chunk was sampled over every host's devices; each process
+        # gathers the latents and decodes them all, so every process has every image
+        decoded = pipe.decode_latents(distributed.fetch(z) if distributed.is_multiprocess() else z)
+        out.append(finite_uint8(decoded, f"{prompts[prompt_index[idx[0]]]!r}")[: len(idx)])
     images = np.concatenate(out)
     return images.reshape((len(prompts), num_images) + images.shape[1:])
