@@ -57,8 +57,13 @@ RESUMABLE_CHANGES = ("train.max_steps", "eval.early_stop_patience", "train.check
 MICRO_BATCH_LOOPS = ("auto", "unroll", "scan")
 ON_NONFINITE = ("stop", "skip_step")
 # Bit i of the step's metrics["nonfinite"] is set when NONFINITE_TERMS[i] is NaN or inf.
+# A term the step's metrics lack (L_pref in DreamBooth mode, L_prior in RPO mode) is never set.
 NONFINITE_TERMS = (("l_sim", "L_sim"), ("l_pref", "L_pref"), ("grad_norm", "the gradient"),
-                   ("update_norm", "the update"))
+                   ("update_norm", "the update"), ("l_prior", "L_prior"))
+# Config keys added after runs were recorded: a config.json without them equals one with these
+# values (so older workdirs still resume).
+ADDED_KEYS = {"objective.mode": "rpo", "objective.prior_weight": 1.0, "prior.num_images": 200,
+              "prior.prompt": "a photo of a {cls}", "prior.seed": 0, "negatives.refresh_every": 0}
 NonFiniteError = ckpt_lib.NonFiniteError
 SUMMARY_FILE = "summary.json"
 
@@ -118,7 +123,8 @@ def objective_config(config, prediction_type: str,
     return objective.ObjectiveConfig(prediction_type=prediction_type, beta=o.beta, w_sim=o.w_sim,
                                      w_pref=o.w_pref, share_noise_in_pair=o.share_noise_in_pair,
                                      label_mode=config.labels.mode,
-                                     num_train_timesteps=num_train_timesteps)
+                                     num_train_timesteps=num_train_timesteps,
+                                     mode=o.mode, prior_weight=o.prior_weight)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -142,12 +148,15 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any, param_sharding
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The keys (dotted) whose values differ between two JSON configs, except
     :data:`RESUMABLE_CHANGES`. A config.json written before the ``lora`` section existed equals
-    one with LoRA off."""
+    one with LoRA off; one written before the :data:`ADDED_KEYS` existed equals one with their
+    defaults."""
     keys = []
     for k in sorted(set(old) | set(new)):
         path = f"{prefix}{k}"
         a, b = old.get(k), new.get(k)
         if path == "lora" and (a is None or b is None) and not (a or b or {}).get("enabled"):
+            continue
+        if k not in old and _added_with_default(path, b):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             keys += config_diff(a, b, path + ".")
@@ -156,10 +165,19 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _added_with_default(path: str, value) -> bool:
+    """Whether ``value`` at ``path`` is (a section of) :data:`ADDED_KEYS` at their defaults."""
+    if isinstance(value, dict):
+        return all(_added_with_default(f"{path}.{k}", v) for k, v in value.items())
+    return path in ADDED_KEYS and ADDED_KEYS[path] == value
+
+
 # ---- caches ---------------------------------------------------------------------------------
 
 def build_cache(pipe, data: preference.PreferenceData) -> dict[str, np.ndarray]:
-    """Host arrays the step gathers from: VAE posterior mean/std (scaled), text embeddings, p."""
+    """Host arrays the step gathers from: VAE posterior mean/std (scaled), text embeddings, p.
+    The "neg" entries are the negatives (RPO) or the class images (DreamBooth mode); their prompt
+    contexts are ``data.negative_prompts``."""
     def posterior(images):
         x = images_lib.to_model_range(images)
         means, stds = [], []
@@ -175,7 +193,7 @@ def build_cache(pipe, data: preference.PreferenceData) -> dict[str, np.ndarray]:
     return {
         "ref_mean": ref_mean, "ref_std": ref_std, "neg_mean": neg_mean, "neg_std": neg_std,
         "ref_context": np.asarray(pipe.encode_prompts([data.reference_prompt]))[0],
-        "prompt_context": np.asarray(pipe.encode_prompts(data.prompts)),
+        "prompt_context": np.asarray(pipe.encode_prompts(data.negative_prompts)),
         "neg_prompt_index": data.negative_prompt_index.astype(np.int32),
         "pref_prob": np.asarray(data.probabilities(), np.float32),
     }
@@ -290,7 +308,7 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
 def nonfinite_bits(metrics: dict) -> jnp.ndarray:
     """int32 scalar: bit i set when ``metrics[NONFINITE_TERMS[i][0]]`` is NaN or inf."""
     bits = [(~jnp.isfinite(metrics[k])).astype(jnp.int32) << i
-            for i, (k, _) in enumerate(NONFINITE_TERMS)]
+            for i, (k, _) in enumerate(NONFINITE_TERMS) if k in metrics]
     return functools.reduce(jnp.bitwise_or, bits)
 
 
