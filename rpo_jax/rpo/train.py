@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -174,22 +175,25 @@ def _added_with_default(path: str, value) -> bool:
 
 # ---- caches ---------------------------------------------------------------------------------
 
+def posterior(pipe, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, H, W, 3) → the VAE posterior's (mean, std), each (N, h, w, C) float32,
+    scaled like the latents the UNet sees."""
+    x = images_lib.to_model_range(images)
+    means, stds = [], []
+    for i in range(0, len(x), 8):
+        mean, logvar = pipe._encode_fn(pipe.vae_params, jnp.asarray(x[i:i + 8]))
+        means.append(np.asarray(vae_lib.scale_latents(mean, pipe.vae.config)))
+        # std scales with the latent: (z - shift) * s has std * s
+        stds.append(np.asarray(jnp.exp(0.5 * logvar)) * pipe.vae.config.scaling_factor)
+    return np.concatenate(means), np.concatenate(stds)
+
+
 def build_cache(pipe, data: preference.PreferenceData) -> dict[str, np.ndarray]:
     """Host arrays the step gathers from: VAE posterior mean/std (scaled), text embeddings, p.
     The "neg" entries are the negatives (RPO) or the class images (DreamBooth mode); their prompt
     contexts are ``data.negative_prompts``."""
-    def posterior(images):
-        x = images_lib.to_model_range(images)
-        means, stds = [], []
-        for i in range(0, len(x), 8):
-            mean, logvar = pipe._encode_fn(pipe.vae_params, jnp.asarray(x[i:i + 8]))
-            means.append(np.asarray(vae_lib.scale_latents(mean, pipe.vae.config)))
-            # std scales with the latent: (z - shift) * s has std * s
-            stds.append(np.asarray(jnp.exp(0.5 * logvar)) * pipe.vae.config.scaling_factor)
-        return np.concatenate(means), np.concatenate(stds)
-
-    ref_mean, ref_std = posterior(data.references)
-    neg_mean, neg_std = posterior(data.negatives)
+    ref_mean, ref_std = posterior(pipe, data.references)
+    neg_mean, neg_std = posterior(pipe, data.negatives)
     return {
         "ref_mean": ref_mean, "ref_std": ref_std, "neg_mean": neg_mean, "neg_std": neg_std,
         "ref_context": np.asarray(pipe.encode_prompts([data.reference_prompt]))[0],
@@ -213,6 +217,58 @@ def pair_indices(step: int, num_pairs: int, per_step: int, seed: int) -> np.ndar
         out.extend(order[offset:offset + take])
         position += take
     return np.asarray(out, np.int32)
+
+
+# ---- online RPO: negatives refreshed from the model being trained -----------------------------
+
+ONLINE_DIR = "online_negatives"
+
+
+def refresh_seed(seed: int, step: int) -> int:
+    """The sampling seed of the negatives refreshed at ``step``: a 31-bit integer drawn from
+    ``fold_in(PRNGKey(negatives.seed), step)`` (fresh per refresh, a function of the step)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    return int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+
+
+def refresh_negatives(pipe, unet_params: Any, encoder, data: preference.PreferenceData,
+                      settings: preference.NegativesSettings, step: int, mesh=None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Online RPO's negatives at ``step``: (images (Nn, H, W, 3) uint8, r_gen (Nn,) float32).
+
+    The same prompts and count as ``data``'s negatives (``settings.k`` per training prompt, in
+    the manifest's order), sampled with ``unet_params`` (the UNet being trained) by the fixed-noise
+    sampler from seed :func:`refresh_seed` (settings.seed, step), and scored with r_{λ_train}
+    against the references. A pure function of (params, step): a resumed run re-makes them.
+    """
+    images = sample_image_sets(
+        pipe, unet_params, data.prompts, num_images=settings.k,
+        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+        seed=refresh_seed(settings.seed, step), negative_prompt=settings.negative_prompt,
+        resolution=data.references.shape[1], batch_size=settings.batch_size, mesh=mesh,
+        desc=f"negatives@{step}")
+    images = images.reshape((-1,) + images.shape[2:])
+    r_gen, _ = preference.score(encoder, images, data.negative_prompt_index, data.references,
+                                data.prompts, settings.lambda_train)
+    return images, np.asarray(r_gen, np.float32)
+
+
+def online_path(workdir: Path, step: int) -> Path:
+    """Where the negatives refreshed at ``step`` are kept (images, r_gen, seed)."""
+    return Path(workdir) / ONLINE_DIR / f"step_{step:06d}.npz"
+
+
+def negatives_entries(pipe, data: preference.PreferenceData, images: np.ndarray,
+                      r_gen: np.ndarray) -> dict[str, np.ndarray]:
+    """The cache entries a new set of negatives replaces: neg_mean, neg_std, pref_prob (the
+    references' rewards r_ref stay: same photos, same prompts, same λ_train)."""
+    neg_mean, neg_std = posterior(pipe, images)
+    fresh = preference.PreferenceData(
+        references=data.references, negatives=images, negative_prompt_index=data.negative_prompt_index,
+        r_ref=data.r_ref, r_gen=np.asarray(r_gen, np.float32), prompts=data.prompts,
+        reference_prompt=data.reference_prompt, manifest=data.manifest)
+    return {"neg_mean": neg_mean, "neg_std": neg_std,
+            "pref_prob": np.asarray(fresh.probabilities(), np.float32)}
 
 
 # ---- the step ---------------------------------------------------------------------------------
@@ -653,6 +709,46 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     validator = Validator(config, pipe, encoder, data, mesh)
     sweep_ckpt = {lam: _best_manager(workdir, lam) for lam in validator.sweep}
     (workdir / "samples").mkdir(exist_ok=True)
+
+    # Online RPO (negatives.refresh_every = k > 0): at every step s = k, 2k, ... the negatives are
+    # re-sampled from the UNet at step s (refresh_negatives) and kept in online_negatives/, so a
+    # resumed run continues from the set of the last refresh at or before its step.
+    refresh_every = config.negatives.refresh_every
+    online = {"step": 0}  # the step whose negatives the cache holds (0: the base model's)
+    neg_settings = preference.negatives_settings(config)
+
+    def use_refresh(at: int, may_sample: bool) -> dict:
+        path = online_path(workdir, at)
+        if path.is_file():
+            with np.load(path) as f:
+                images, r_gen = f["images"], f["r_gen"]
+        elif not may_sample:
+            raise FileNotFoundError(
+                f"{path} is missing: the negatives refreshed at step {at} (negatives.refresh_every="
+                f"{refresh_every}) are needed to resume from step {start_step}; move "
+                f"{workdir / 'checkpoints'} away to train from the start")
+        else:
+            t_refresh = time.perf_counter()
+            images, r_gen = refresh_negatives(pipe, sampled(state.params), encoder, data,
+                                              neg_settings, at, mesh)
+            path.parent.mkdir(exist_ok=True)
+            with fsutil.atomic_file(path, "wb") as f:
+                np.savez(f, images=images, r_gen=r_gen, step=at, seed=refresh_seed(neg_settings.seed, at))
+            images_lib.save_grid(images, workdir / "samples" / f"negatives_step_{at:06d}.png",
+                                 rows=len(data.prompts), labels=data.prompts)
+            seconds = time.perf_counter() - t_refresh
+            metrics_log.write(at, {"r_gen_mean": float(r_gen.mean()), "seconds": seconds}, "negatives")
+            log.info(f"[online] step {at}: {len(images)} negatives re-sampled from the current UNet "
+                     f"(r_gen mean {float(r_gen.mean()):.4f}; {seconds:.1f}s) → {path}")
+        online["step"] = at
+        return {**cache, **jax.device_put(negatives_entries(pipe, data, images, r_gen), replicated)}
+
+    if refresh_every:
+        if start_step == 0:  # a fresh run: no earlier attempt's sets
+            shutil.rmtree(workdir / ONLINE_DIR, ignore_errors=True)
+        last = start_step // refresh_every * refresh_every
+        if 0 < last < start_step:  # (last == start_step: the loop refreshes first thing)
+            cache = use_refresh(last, may_sample=False)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
@@ -749,6 +845,11 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
 
     try:
         while step < t.max_steps and stop["signal"] is None:
+            if refresh_every and step > 0 and step % refresh_every == 0 and online["step"] != step:
+                check_nonfinite()
+                t_refresh = time.perf_counter()
+                cache = use_refresh(step, may_sample=True)
+                clock["t"] += time.perf_counter() - t_refresh  # not a training step's time
             idx = pair_indices(step, data.num_pairs, per_step, t.seed).reshape(t.grad_accum, t.batch_size)
             state, metrics = compiled(state, ref_params, cache, jax.device_put(idx, replicated))
             step += 1
