@@ -258,6 +258,25 @@ def online_path(workdir: Path, step: int) -> Path:
     return Path(workdir) / ONLINE_DIR / f"step_{step:06d}.npz"
 
 
+def online_resume_step(config, workdir: Path, start_step: int) -> int:
+    """Online RPO: the step of the last refresh at or before ``start_step`` (0: none). A fresh run
+    (step 0) drops any sets an earlier attempt left; a resumed run past a refresh needs that
+    refresh's kept set (made from params no checkpoint holds): a one-line error naming it."""
+    k = config.negatives.refresh_every
+    if not k:
+        return 0
+    if start_step == 0:
+        shutil.rmtree(Path(workdir) / ONLINE_DIR, ignore_errors=True)
+    last = start_step // k * k
+    path = online_path(workdir, last)
+    if 0 < last < start_step and not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the negatives refreshed at step {last} (negatives.refresh_every="
+            f"{k}) are needed to resume from step {start_step}; move {Path(workdir) / 'checkpoints'} "
+            "away to train from the start")
+    return last
+
+
 def negatives_entries(pipe, data: preference.PreferenceData, images: np.ndarray,
                       r_gen: np.ndarray) -> dict[str, np.ndarray]:
     """The cache entries a new set of negatives replaces: neg_mean, neg_std, pref_prob (the
@@ -685,6 +704,7 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
         meta.setdefault("sweep", {})
         log.info(f"[train] resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
     start_step = int(state.step)
+    last_refresh = online_resume_step(config, workdir, start_step)
 
     # 4. the compiled step
     per_step = t.batch_size * t.grad_accum
@@ -717,16 +737,13 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     online = {"step": 0}  # the step whose negatives the cache holds (0: the base model's)
     neg_settings = preference.negatives_settings(config)
 
-    def use_refresh(at: int, may_sample: bool) -> dict:
+    def use_refresh(at: int) -> dict:
+        """The cache with the negatives of the refresh at step ``at``: the kept set, or (none
+        kept yet) a new one from the current UNet, then kept."""
         path = online_path(workdir, at)
         if path.is_file():
             with np.load(path) as f:
                 images, r_gen = f["images"], f["r_gen"]
-        elif not may_sample:
-            raise FileNotFoundError(
-                f"{path} is missing: the negatives refreshed at step {at} (negatives.refresh_every="
-                f"{refresh_every}) are needed to resume from step {start_step}; move "
-                f"{workdir / 'checkpoints'} away to train from the start")
         else:
             t_refresh = time.perf_counter()
             images, r_gen = refresh_negatives(pipe, sampled(state.params), encoder, data,
@@ -743,12 +760,8 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
         online["step"] = at
         return {**cache, **jax.device_put(negatives_entries(pipe, data, images, r_gen), replicated)}
 
-    if refresh_every:
-        if start_step == 0:  # a fresh run: no earlier attempt's sets
-            shutil.rmtree(workdir / ONLINE_DIR, ignore_errors=True)
-        last = start_step // refresh_every * refresh_every
-        if 0 < last < start_step:  # (last == start_step: the loop refreshes first thing)
-            cache = use_refresh(last, may_sample=False)
+    if 0 < last_refresh < start_step:  # (last == start_step: the loop refreshes first thing)
+        cache = use_refresh(last_refresh)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
@@ -848,7 +861,7 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
             if refresh_every and step > 0 and step % refresh_every == 0 and online["step"] != step:
                 check_nonfinite()
                 t_refresh = time.perf_counter()
-                cache = use_refresh(step, may_sample=True)
+                cache = use_refresh(step)
                 clock["t"] += time.perf_counter() - t_refresh  # not a training step's time
             idx = pair_indices(step, data.num_pairs, per_step, t.seed).reshape(t.grad_accum, t.batch_size)
             state, metrics = compiled(state, ref_params, cache, jax.device_put(idx, replicated))
