@@ -3,11 +3,14 @@ images are the base model's (same seeds → same images), reused when unchanged,
 the class prompt, N or the pipeline changes, never half-written; config checks; a training run.
 
 The loss itself is checked against NumPy in tests/test_objective.py."""
+import functools
 import json
 import pathlib
 import re
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -159,3 +162,27 @@ def test_dreambooth_training_on_the_tiny_pipeline(tmp_path):
     assert len(steps) == 3 and all({"l_sim", "l_prior", "grad_norm_prior"} <= set(r) for r in steps)
     assert all("l_pref" not in r for r in steps)
     np.testing.assert_allclose(steps[-1]["loss"], steps[-1]["l_sim"] + steps[-1]["l_prior"], rtol=1e-5)
+
+
+def test_the_step_flags_a_nonfinite_prior_term():
+    """DreamBooth's step (a one-parameter 'UNet' x · w) on class-image latents that are NaN:
+    L_prior is flagged, L_sim is not, and there is no L_pref to flag."""
+    config = _config()
+    tx = train.make_optimizer(config)
+    params = {"w": jnp.ones((4,))}
+    cache = {"ref_mean": jnp.zeros((2, 4, 4, 4)), "ref_std": jnp.ones((2, 4, 4, 4)),
+             "neg_mean": jnp.full((3, 4, 4, 4), jnp.nan), "neg_std": jnp.ones((3, 4, 4, 4)),
+             "ref_context": jnp.zeros((5, 8)), "prompt_context": jnp.zeros((1, 5, 8)),
+             "neg_prompt_index": jnp.zeros(3, jnp.int32), "pref_prob": jnp.full((2, 3), 0.5)}
+    state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                             rng=jax.random.key_data(jax.random.PRNGKey(0)))
+    step = jax.jit(functools.partial(
+        train.train_step, apply_fn=lambda p, x, t, c: x * p["w"],
+        alphas_cumprod=jnp.linspace(0.99, 0.01, 1000), obj_cfg=train.objective_config(config, "epsilon"),
+        tx=tx, term_grad_norms=True, batch_sharding=None))
+    _, metrics = step(state, state.params, cache, jnp.array([[0, 4]], jnp.int32))
+    names = train.nonfinite_names(int(metrics["nonfinite"]))
+    assert "L_prior" in names and "L_sim" not in names and "L_pref" not in names
+    _, metrics = step(state, state.params, dict(cache, neg_mean=jnp.zeros_like(cache["neg_mean"])),
+                      jnp.array([[0, 4]], jnp.int32))
+    assert int(metrics["nonfinite"]) == 0 and np.isfinite(float(metrics["l_prior"]))
