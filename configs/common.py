@@ -46,6 +46,8 @@ def get_config(arg=None):
         negative_prompt="",
         batch_size=8,                         # images per sampling call, for negatives, validation
                                               # and held-out evaluation alike
+        refresh_every=0,                      # online RPO: every k steps re-sample the negatives
+                                              # from the current UNet and re-score them; 0: off (paper)
     ))
     c.reward = ml_collections.ConfigDict(dict(
         lambda_train=0.0,                     # λ for preference labels (paper: 0)
@@ -57,6 +59,14 @@ def get_config(arg=None):
         w_sim=1.0,                            # L = w_sim·L_sim + w_pref·L_pref
         w_pref=1.0,
         share_noise_in_pair=False,            # True: Diffusion-DPO style shared t and ε per pair
+        mode="rpo",                           # rpo | dreambooth: L = w_sim·L_sim + prior_weight·L_prior
+                                              # on class images (prior preservation, no negatives)
+        prior_weight=1.0,                     # λ_prior of mode=dreambooth (DreamBooth: 1)
+    ))
+    c.prior = ml_collections.ConfigDict(dict(  # mode=dreambooth: class images of the frozen base model
+        num_images=200,                       # N (diffusers' DreamBooth script: 200; paper's DreamBooth ~1000)
+        prompt="a photo of a {cls}",          # class prompt template ({cls}: subject.class_noun)
+        seed=0,                               # fixed noise; sampled with the negatives.* settings
     ))
     c.train = ml_collections.ConfigDict(dict(
         max_steps=400,                        # paper: ≤ 400

@@ -511,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = toy_sub.add_parser("experiment", help="the paper's ablation in miniature, over seeds",
                            description="Base model, L_sim only, L_pref only, RPO at λ_val "
                            "0.3/0.5/0.7 (one training run per seed, selected at each λ), RPO with "
-                           "β=100 and RPO with soft labels (ℓ = p) on the toy subject, each over "
+                           "β=100, RPO with soft labels (ℓ = p), DreamBooth with prior "
+                           "preservation at N=32 and N=200 class images, and online RPO (negatives "
+                           "re-sampled every 50 steps) on the toy subject, each over "
                            "--seeds; writes "
                            "WORKDIR/experiment.md (mean ± std), experiment.json, experiment.png. "
                            "Finished runs are reused. Overrides: --config.KEY=VALUE apply to "

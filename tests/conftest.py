@@ -42,6 +42,24 @@ def file_tree(folder):
     return {p.relative_to(folder): p.read_bytes() for p in pathlib.Path(folder).rglob("*") if p.is_file()}
 
 
+def start_and_wait(argv, ready, stdout, timeout=300):
+    """Start ``python -m rpo_jax.cli *argv`` (inheriting the environment, PYTHONPATH included);
+    return the process once ``ready()`` holds or it has ended; fail after ``timeout`` seconds."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "rpo_jax.cli", *argv], stdout=stdout,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    if time.time() >= deadline:
+        proc.kill()
+        pytest.fail(f"not ready within {timeout} s: {' '.join(argv)}")
+    return proc
+
+
 def nchw(x):
     return np.asarray(x).transpose(0, 3, 1, 2)
 

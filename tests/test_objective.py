@@ -1,5 +1,6 @@
 """The RPO objective: NumPy parity, noise sharing, β, gradient decomposition, descent direction."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -356,3 +357,76 @@ def test_tiny_unet_runs_under_jit(tiny_pipeline_dirs):
     assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in m.values())
     assert m["grad_norm_sim"] > 0 and m["grad_norm_pref"] > 0
     assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(params)
+
+
+# ---- DreamBooth with prior preservation (mode='dreambooth') ----------------------------------
+
+def numpy_dreambooth(params, batch, rng, cfg):
+    """Independent float64 L = w_sim·L_sim + prior_weight·L_prior; ε and t from the module's rng
+    helpers; the neg_* items are the class images."""
+    ny, nc, ty, tc = (np.asarray(a, np.float64) for a in objective.noise_and_timesteps(rng, batch, cfg))
+    ty, tc = ty.astype(int), tc.astype(int)
+    ac = np.asarray(AC, np.float64)
+    b = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+
+    def err(z, n, t, c):
+        a = ac[t][:, None, None, None]
+        x = np.sqrt(a) * z + np.sqrt(1 - a) * n
+        target = {"epsilon": n, "v_prediction": np.sqrt(a) * n - np.sqrt(1 - a) * z}[cfg.prediction_type]
+        return ((target - toy_apply_np(params, x, t, c)) ** 2).mean(axis=(1, 2, 3))
+
+    l_sim = err(b["ref_latents"], ny, ty, b["ref_context"]).mean()
+    l_prior = err(b["neg_latents"], nc, tc, b["neg_context"]).mean()
+    return {"loss": cfg.w_sim * l_sim + cfg.prior_weight * l_prior, "l_sim": l_sim,
+            "l_prior": l_prior, "mse_model_ref": l_sim, "mse_model_prior": l_prior}
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dreambooth_matches_numpy(prediction_type):
+    cfg = ObjectiveConfig(prediction_type, w_sim=0.8, mode="dreambooth", prior_weight=1.7)
+    batch = make_batch(3)
+    del batch["pref_prob"]  # DreamBooth has no labels
+    for seed in range(3):
+        rng = jax.random.PRNGKey(seed)
+        loss, m = loss_fn(cfg)(THETA, FROZEN, batch, rng)
+        ref = numpy_dreambooth(THETA, batch, rng, cfg)
+        assert set(m) == set(ref)
+        for k, v in ref.items():
+            np.testing.assert_allclose(m[k], v, rtol=1e-5, err_msg=k)
+        # the frozen model plays no part
+        np.testing.assert_array_equal(loss, loss_fn(cfg)(THETA, THETA, batch, rng)[0])
+        # the gradient is the weighted sum of the two terms' gradients (term_grad_norms)
+        loss_t, m_t, g_t = grads_fn(cfg, True)(THETA, FROZEN, batch, rng)
+        _, _, g_f = grads_fn(cfg, False)(THETA, FROZEN, batch, rng)
+        np.testing.assert_allclose(loss_t, ref["loss"], rtol=1e-5)
+        assert {"grad_norm_sim", "grad_norm_prior", "grad_norm"} <= set(m_t)
+        for k in g_t:
+            np.testing.assert_allclose(g_t[k], g_f[k], rtol=1e-5, atol=1e-7)
+
+
+def test_dreambooth_prior_weight_zero_is_l_sim_alone_exactly():
+    """λ_prior = 0: the same loss as L_sim alone (RPO mode with w_pref = 0), bit for bit, and the
+    same gradient (to float32 rounding: XLA fuses the two programs differently)."""
+    batch, rng = make_batch(4), jax.random.PRNGKey(5)
+    db = ObjectiveConfig("v_prediction", mode="dreambooth", prior_weight=0.0)
+    sim_only = ObjectiveConfig("v_prediction", w_pref=0.0)
+    for term_norms in (True, False):
+        loss_d, m_d, g_d = grads_fn(db, term_norms)(THETA, FROZEN, batch, rng)
+        loss_s, m_s, g_s = grads_fn(sim_only, term_norms)(THETA, FROZEN, batch, rng)
+        np.testing.assert_array_equal(loss_d, m_d["l_sim"])
+        np.testing.assert_array_equal(loss_d, loss_s)
+        for k in g_d:
+            np.testing.assert_allclose(g_d[k], g_s[k], rtol=1e-6, atol=1e-9)
+    # and a nonzero weight changes it
+    other = grads_fn(ObjectiveConfig("v_prediction", mode="dreambooth"), False)(THETA, FROZEN, batch, rng)[0]
+    assert other != loss_s
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"mode": "dpo"}, "mode must be one of ['rpo', 'dreambooth']"),
+    ({"mode": "dreambooth", "prior_weight": -1.0}, "prior_weight must be a finite number >= 0"),
+    ({"mode": "dreambooth", "prior_weight": 0.0, "w_sim": 0.0}, "w_sim and prior_weight are both 0"),
+])
+def test_dreambooth_config_checks(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ObjectiveConfig("epsilon", **fields).check()

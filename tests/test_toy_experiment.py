@@ -6,6 +6,7 @@ import pytest
 
 from rpo_jax.core import config as config_lib
 from rpo_jax.jobs import toy_experiment as experiment
+from rpo_jax.rpo import train
 
 # A few seconds of work per arm: the shipped toy models, 2 steps, 1 image per prompt, one device.
 SMALL = ["--config.mesh=(1,1,1)", "--config.train.max_steps=2", "--config.eval.every=1",
@@ -28,6 +29,16 @@ def test_arm_configs():
     assert all(config_lib.to_json_dict(c) == config_lib.to_json_dict(lam[0]) for c in lam)
     assert tuple(lam[0].eval.lambda_sweep) == (0.3, 0.5, 0.7)
     assert base.eval.lambda_sweep == ()  # the base config is left alone
+    # DreamBooth with prior preservation at N = 32 (RPO's negatives count) and 200; online RPO
+    db = experiment.arm_config(base, "DreamBooth N=32", 2)
+    assert (db.objective.mode, db.prior.num_images, db.prior.prompt, db.prior.seed) == ("dreambooth", 32, "a {cls}", 2)
+    assert experiment.arm_config(base, "DreamBooth N=200", 0).prior.num_images == 200
+    toy_db = config_lib.resolve("configs/toy_dreambooth.py")  # the arm at N=200, seed 0 is that config
+    assert config_lib.to_json_dict(experiment.arm_config(base, "DreamBooth N=200", 0)) == config_lib.to_json_dict(toy_db)
+    online = experiment.arm_config(base, "online RPO", 1)
+    assert (online.negatives.refresh_every, online.objective.mode) == (50, "rpo")
+    for c in (db, online):
+        train.check_config(c)
 
 
 def test_summary_and_table():

@@ -95,3 +95,30 @@ def test_main_job_leaves_its_report_files(toy_run):
         assert (workdir / name).is_file(), name
     text = (workdir / "report.md").read_text()
     assert "oracle subject rate" in text and "base model" in text
+
+
+# ---- DreamBooth with prior preservation (configs/toy_dreambooth.py) -------------------------
+# Measured with `rpo-jax toy experiment` (the "DreamBooth N=200" arm; seed 0 is exactly
+# configs/toy_dreambooth.py), base → DreamBooth, selected step, seeds 0 / 1 / 2 (64 images each):
+#   oracle subject rate   0 → 0.297 / DB_SEED1 / DB_SEED2
+#   CLIP-I                0.353 → 0.573 / ...
+#   oracle scene accuracy 0.938 → 0.781 / ...
+# Thresholds keep about half the smallest measured gain; the scene tolerance is the largest
+# measured drop plus 0.1.
+DB_MIN_SUBJECT_RATE_GAIN = 0.02
+DB_MIN_FIDELITY_GAIN = 0.04
+DB_SCENE_TOLERANCE = 0.27
+
+
+@pytest.mark.slow  # the whole 300-step DreamBooth job and 200 class images: ~3.5 min on 2 busy cores
+def test_dreambooth_raises_subject_rate_and_fidelity_within_scene_tolerance(tmp_path):
+    config = config_lib.resolve("configs/toy_dreambooth.py", OVERRIDES)
+    job_lib.train_and_evaluate(config, tmp_path, progress=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    base, best = report["oracle"]["base"], report["oracle"]["best"]
+    print(json.dumps({"base": report["base"], "best": report["best"], "oracle": {
+        k: {m: v[m] for m in ("subject_rate", "scene_accuracy")} for k, v in report["oracle"].items()}}))
+    assert len(list((tmp_path / "class_images" / "images").iterdir())) == 200
+    assert best["subject_rate"] >= base["subject_rate"] + DB_MIN_SUBJECT_RATE_GAIN
+    assert report["best"]["clip_i"] >= report["base"]["clip_i"] + DB_MIN_FIDELITY_GAIN
+    assert best["scene_accuracy"] >= base["scene_accuracy"] - DB_SCENE_TOLERANCE

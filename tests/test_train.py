@@ -8,8 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -19,7 +17,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import error_line as _error_line, file_tree as _files
+from conftest import error_line as _error_line, file_tree as _files, start_and_wait
 from rpo_jax.core import config as config_lib
 from rpo_jax.jobs import job as job_lib
 from rpo_jax.rpo import train
@@ -46,19 +44,10 @@ def _latest_params(workdir):
 
 def _start_and_wait_for_a_checkpoint(workdir, overrides, stdout):
     """Start `rpo-jax train` in a subprocess; return once its first checkpoint exists (or it ended)."""
-    cmd = [sys.executable, "-m", "rpo_jax.cli", "train", "--config", CONFIG, "--workdir", str(workdir)]
-    proc = subprocess.Popen(cmd + overrides, stdout=stdout, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ.copy())
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        ckpts = pathlib.Path(workdir) / "checkpoints"
-        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
-            break
-        time.sleep(0.05)
-    if time.time() >= deadline:
-        proc.kill()
-        pytest.fail("no checkpoint within 300 s")
-    return proc
+    ckpts = pathlib.Path(workdir) / "checkpoints"
+    return start_and_wait(["train", "--config", CONFIG, "--workdir", str(workdir)] + overrides,
+                          lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()),
+                          stdout)
 
 
 @pytest.fixture(scope="module")

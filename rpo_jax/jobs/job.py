@@ -13,7 +13,8 @@ The walk of ``rpo-jax train`` (:func:`train_and_evaluate`), which a reader can f
    already identical: a finished run's read-only workdir is not written);
 2. ``job.train()``: unless the run has finished, load the base pipeline and the reward model
    (once, in :class:`Models`), make or reuse the preference data
-   (:func:`rpo_jax.rpo.preference.generate_negatives`) and train with validation-based model
+   (:func:`rpo_jax.rpo.preference.generate_negatives`; DreamBooth mode: the class images,
+   :func:`rpo_jax.rpo.preference.generate_class_images`) and train with validation-based model
    selection (:func:`rpo_jax.rpo.train.train`) from that same pipeline and reward model;
 3. ``job.report()``: the base pipeline and the selected UNet on the held-out prompts
    (:func:`rpo_jax.evaluation.heldout.evaluate`, same pipeline, same reward model, the
@@ -219,10 +220,21 @@ class Job:
 
     # ---- the steps -------------------------------------------------------------------------
 
+    def subject(self) -> preference.Subject:
+        return preference.subject_from_config(self.config, self.paths["subject.reference_dir"])
+
+    def class_images(self, progress: bool = True) -> dict:
+        """DreamBooth mode: make (or reuse) ``workdir/class_images``; returns its manifest."""
+        return preference.generate_class_images(
+            self.pipeline, self.config.subject.class_noun, self.workdir,
+            preference.class_images_settings(self.config),
+            identity={"pretrained": preference.folder_fingerprint(self.paths["pretrained"])},
+            mesh=self.mesh, progress=progress)
+
     def negatives(self, progress: bool = True) -> dict:
         """Make (or reuse) ``workdir/negatives``; returns its manifest."""
         pretrained, reward_dir = self.paths["pretrained"], self.paths["reward_model"]
-        subject = preference.subject_from_config(self.config, self.paths["subject.reference_dir"])
+        subject = self.subject()
         # by content, not place: a copied or moved workdir (with its tiny: assets) reuses them
         identity = {"pretrained": preference.folder_fingerprint(pretrained),
                     "reward_model": preference.folder_fingerprint(reward_dir)}
@@ -239,8 +251,12 @@ class Job:
                   f"validation reward {finished['best_reward']} at step {finished['best_step']}); "
                   "raise --config.train.max_steps to train further")
             return finished
-        self.negatives(progress)
-        data = preference.PreferenceData.load(self.workdir)
+        if self.config.objective.mode == "dreambooth":
+            self.class_images(progress)
+            data = preference.PreferenceData.from_class_images(self.workdir, self.subject())
+        else:
+            self.negatives(progress)
+            data = preference.PreferenceData.load(self.workdir)
         return train_lib.train(self.config, self.workdir, pipe=self.pipeline,
                                encoder=self.reward_encoder, data=data, mesh=self.mesh,
                                progress=progress)

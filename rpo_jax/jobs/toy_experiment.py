@@ -11,6 +11,11 @@ Arms (all from configs/toy.py, the same negatives settings and training budget):
                           selection, never the training
   RPO β=100   L_sim + L_pref with β = 100 instead of 1 (λ_val from the config): what β does
   RPO soft labels  L_sim + L_pref with ℓ = p instead of ℓ ~ Bernoulli(p): what the label noise does
+  DreamBooth N=32 / N=200  L_sim + L_prior on N class images the base model samples from "a ring"
+                          (prior preservation, λ_prior 1; 32 = RPO's negatives count, 200 =
+                          diffusers' default): the term RPO's L_pref replaces
+  online RPO  RPO with the negatives re-sampled from the current UNet (and re-scored) every 50
+              steps (negatives.refresh_every)
 
 Each trained arm is selected by validation reward like RPO (the paper's protocol for all its
 variants). Every arm is scored on the held-out prompts with ``test.num_images`` images per prompt
@@ -45,6 +50,10 @@ ARMS = {
     "RPO λ_val=0.7": {"select": 0.7},
     "RPO β=100": {"objective.beta": 100.0},
     "RPO soft labels": {"labels.mode": "soft"},
+    # DreamBooth with prior preservation (configs/toy_dreambooth.py): N class images of "a ring"
+    "DreamBooth N=32": {"objective.mode": "dreambooth", "prior.num_images": 32, "prior.prompt": "a {cls}"},
+    "DreamBooth N=200": {"objective.mode": "dreambooth", "prior.num_images": 200, "prior.prompt": "a {cls}"},
+    "online RPO": {"negatives.refresh_every": 50},
 }
 RPO_SWEEP = tuple(spec["select"] for spec in ARMS.values() if "select" in spec)
 COLUMNS = (("clip_i", "fidelity: CLIP-I"), ("subject_rate", "fidelity: oracle subject rate"),
@@ -62,6 +71,7 @@ def arm_config(base_config, arm: str, seed: int):
     c = copy.deepcopy(base_config)
     c.train.seed = seed
     c.negatives.seed = seed
+    c.prior.seed = seed
     c.test.seed = base_config.test.seed + seed
     for key, value in ARMS[arm].items():
         if key == "select":

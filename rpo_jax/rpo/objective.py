@@ -9,6 +9,13 @@ For a batch of B pairs (reference y with its prompt c_ref, negative g with its o
     L_sim       = mean_pairs e_θ(y)                               DreamBooth loss, no prior term
     L           = w_sim·L_sim + w_pref·L_pref
 
+DreamBooth with prior preservation (``mode='dreambooth'``, Ruiz et al. 2023) instead: the batch's
+``neg_*`` items are class images x_pr sampled by the frozen base model from the class prompt c_pr
+("a photo of a {class}"), and no frozen model or label is used::
+
+    L_prior     = mean_items e_θ(x_pr, c_pr)
+    L           = w_sim·L_sim + prior_weight·L_prior
+
 ℓ ~ Bernoulli(p) with p = σ(r_ref − r_gen) the probability that the reference is preferred,
 drawn fresh from the step's rng ('sampled'), or ℓ = p ('soft'). Δ > 0 means θ has improved more
 (relative to the frozen model) on the reference than on the negative.
@@ -43,6 +50,7 @@ from rpo_jax.rpo import preference
 from rpo_jax.sd import schedulers
 
 BATCH_KEYS = ("ref_latents", "ref_context", "neg_latents", "neg_context", "pref_prob")
+MODES = ("rpo", "dreambooth")
 
 ApplyFn = Callable[[Any, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 Batch = Mapping[str, jnp.ndarray]
@@ -61,6 +69,9 @@ class ObjectiveConfig:
       authors' SDXL script).
     label_mode: 'sampled' (ℓ ~ Bernoulli(p), fresh per call) or 'soft' (ℓ = p).
     num_train_timesteps: T; t ~ U{0, …, T−1}. Must equal len(alphas_cumprod).
+    mode: 'rpo' (L_sim + L_pref) or 'dreambooth' (L_sim + prior_weight·L_prior on class images in
+      the batch's neg_* slots; beta, w_pref and label_mode are then unused).
+    prior_weight: λ_prior of DreamBooth's prior-preservation term (DreamBooth: 1).
     """
     prediction_type: str
     beta: float = 1.0
@@ -69,6 +80,8 @@ class ObjectiveConfig:
     share_noise_in_pair: bool = False
     label_mode: str = "sampled"
     num_train_timesteps: int = 1000
+    mode: str = "rpo"
+    prior_weight: float = 1.0
 
     def check(self) -> None:
         """Raise ValueError naming the offending field."""
@@ -81,8 +94,13 @@ class ObjectiveConfig:
             w = getattr(self, name)
             if not _is_number(w) or not math.isfinite(w) or w < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
-        if self.w_sim == 0 and self.w_pref == 0:
-            raise ValueError("w_sim and w_pref are both 0: the loss would be identically zero")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if not _is_number(self.prior_weight) or not math.isfinite(self.prior_weight) or self.prior_weight < 0:
+            raise ValueError(f"prior_weight must be a finite number >= 0, got {self.prior_weight!r}")
+        other = "w_pref" if self.mode == "rpo" else "prior_weight"
+        if self.w_sim == 0 and getattr(self, other) == 0:
+            raise ValueError(f"w_sim and {other} are both 0: the loss would be identically zero")
         preference.check_label_mode(self.label_mode, "label_mode")
         if not isinstance(self.share_noise_in_pair, bool):
             raise ValueError(f"share_noise_in_pair must be True or False, got {self.share_noise_in_pair!r}")
@@ -123,19 +141,19 @@ def split_rng(rng: jax.Array) -> RngKeys:
 
 def _check_batch(batch: Batch, cfg: ObjectiveConfig, alphas_cumprod=None) -> int:
     """Static (trace-time) shape checks; returns B."""
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    needed = BATCH_KEYS if cfg.mode == "rpo" else BATCH_KEYS[:4]
+    missing = [k for k in needed if k not in batch]
     if missing:
-        raise KeyError(f"batch is missing {missing} (needs {list(BATCH_KEYS)})")
+        raise KeyError(f"batch is missing {missing} (needs {list(needed)})")
     zy, zg = batch["ref_latents"], batch["neg_latents"]
     cy, cg = batch["ref_context"], batch["neg_context"]
-    p = batch["pref_prob"]
     if zy.ndim != 4 or zy.shape != zg.shape:
         raise ValueError(f"ref_latents {zy.shape} and neg_latents {zg.shape} must both be (B, h, w, C)")
     B = zy.shape[0]
     if cy.ndim != 3 or cy.shape != cg.shape or cy.shape[0] != B:
         raise ValueError(f"ref_context {cy.shape} and neg_context {cg.shape} must both be (B={B}, L, D)")
-    if p.shape != (B,):
-        raise ValueError(f"pref_prob has shape {p.shape}, expected ({B},)")
+    if cfg.mode == "rpo" and batch["pref_prob"].shape != (B,):
+        raise ValueError(f"pref_prob has shape {batch['pref_prob'].shape}, expected ({B},)")
     if alphas_cumprod is not None and jnp.shape(alphas_cumprod) != (cfg.num_train_timesteps,):
         raise ValueError(f"num_train_timesteps={cfg.num_train_timesteps} but alphas_cumprod has "
                          f"shape {jnp.shape(alphas_cumprod)}")
@@ -169,7 +187,10 @@ def noise_and_timesteps(rng: jax.Array, batch: Batch, cfg: ObjectiveConfig
 
 
 def draw_pair_labels(rng: jax.Array, batch: Batch, cfg: ObjectiveConfig) -> jnp.ndarray:
-    """(B,) float32 labels ℓ from the label key of :func:`split_rng` (rng) and batch['pref_prob']."""
+    """(B,) float32 labels ℓ from the label key of :func:`split_rng` (rng) and batch['pref_prob'];
+    zeros in 'dreambooth' mode (no labels)."""
+    if cfg.mode == "dreambooth":
+        return jnp.zeros(batch["ref_latents"].shape[:1], jnp.float32)
     return preference.draw_labels(split_rng(rng).label, batch["pref_prob"], cfg.label_mode)
 
 
@@ -228,6 +249,16 @@ def _metrics(e_y, e_g, ref_y, ref_g, labels, pref_prob, cfg: ObjectiveConfig):
     return loss, {k: f32(v) for k, v in metrics.items()}
 
 
+def _dreambooth_metrics(e_y, e_c, cfg: ObjectiveConfig):
+    """(loss, metrics) of DreamBooth with prior preservation from the per-item errors of the
+    instance items e_y (B,) and the class items e_c (B,)."""
+    l_sim, l_prior = jnp.mean(e_y), jnp.mean(e_c)
+    loss = cfg.w_sim * l_sim + cfg.prior_weight * l_prior
+    metrics = {"loss": loss, "l_sim": l_sim, "l_prior": l_prior,
+               "mse_model_ref": l_sim, "mse_model_prior": l_prior}
+    return loss, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
 def rpo_loss(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn: ApplyFn,
              alphas_cumprod: Any, cfg: ObjectiveConfig,
              ref_apply_fn: ApplyFn | None = None) -> tuple[jnp.ndarray, dict]:
@@ -248,11 +279,15 @@ def rpo_loss(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn: Appl
     Returns:
       (loss scalar float32, metrics dict of float32 scalars: loss, l_sim, l_pref, delta_mean,
       delta_abs_mean, beta_delta_abs_mean, implicit_accuracy, label_mean, mse_model_ref,
-      mse_model_neg, mse_frozen_ref, mse_frozen_neg, pref_prob_mean).
+      mse_model_neg, mse_frozen_ref, mse_frozen_neg, pref_prob_mean). In 'dreambooth' mode the
+      neg_* items are class images, the frozen model is not called, pref_prob is not needed, and
+      the metrics are loss, l_sim, l_prior, mse_model_ref, mse_model_prior.
     """
     cfg.check()
     _check_batch(batch, cfg, alphas_cumprod)
     inputs = model_inputs(batch, rng, alphas_cumprod, cfg)
+    if cfg.mode == "dreambooth":
+        return _dreambooth_metrics(*_errors(params, apply_fn, inputs), cfg)
     ref_y, ref_g = _frozen_errors(ref_params, ref_apply_fn or apply_fn, inputs)
     e_y, e_g = _errors(params, apply_fn, inputs)
     return _metrics(e_y, e_g, ref_y, ref_g, inputs.labels, batch["pref_prob"], cfg)
@@ -273,7 +308,8 @@ def loss_and_grads(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn
     then two pullbacks with the cotangents of L_sim and of L_pref, giving g_sim and g_pref;
     grads = w_sim·g_sim + w_pref·g_pref. Metrics gain ``grad_norm_sim``, ``grad_norm_pref`` (the
     unweighted terms' global norms) and ``grad_norm`` (of the total) — whether L_pref does
-    anything. Costs a second backward pass.
+    anything. Costs a second backward pass. ('dreambooth' mode: L_prior and ``grad_norm_prior``
+    in place of L_pref and ``grad_norm_pref``.)
     term_grad_norms=False: plain ``jax.value_and_grad``; metrics gain ``grad_norm`` only.
     term_grad_norms is a Python bool (static: bind it with functools.partial under jit).
     """
@@ -287,20 +323,25 @@ def loss_and_grads(params, ref_params, batch: Batch, rng: jax.Array, *, apply_fn
     cfg.check()
     _check_batch(batch, cfg, alphas_cumprod)
     inputs = model_inputs(batch, rng, alphas_cumprod, cfg)
-    ref_y, ref_g = _frozen_errors(ref_params, ref_apply_fn or apply_fn, inputs)
     (e_y, e_g), pull_params = jax.vjp(lambda p: _errors(p, apply_fn, inputs), params)
+    if cfg.mode == "dreambooth":  # L_prior on the class items; no frozen model
+        terms = lambda ey, eg: (jnp.mean(ey), jnp.mean(eg))
+        w_other, other = cfg.prior_weight, "prior"
+    else:
+        ref_y, ref_g = _frozen_errors(ref_params, ref_apply_fn or apply_fn, inputs)
+        terms = lambda ey, eg: _terms(ey, eg, ref_y, ref_g, inputs.labels, cfg.beta)[:2]
+        w_other, other = cfg.w_pref, "pref"
 
-    def terms(ey, eg):
-        l_sim, l_pref, _ = _terms(ey, eg, ref_y, ref_g, inputs.labels, cfg.beta)
-        return l_sim, l_pref
-
-    (l_sim, l_pref), pull_terms = jax.vjp(terms, e_y, e_g)
-    one, zero = jnp.ones_like(l_sim), jnp.zeros_like(l_pref)
+    (l_sim, l_other), pull_terms = jax.vjp(terms, e_y, e_g)
+    one, zero = jnp.ones_like(l_sim), jnp.zeros_like(l_other)
     (g_sim,) = pull_params(pull_terms((one, zero)))
-    (g_pref,) = pull_params(pull_terms((zero, one)))
+    (g_other,) = pull_params(pull_terms((zero, one)))
     grads = jax.tree_util.tree_map(
-        lambda a, b: (cfg.w_sim * a + cfg.w_pref * b).astype(a.dtype), g_sim, g_pref)
-    loss, metrics = _metrics(e_y, e_g, ref_y, ref_g, inputs.labels, batch["pref_prob"], cfg)
-    metrics.update(grad_norm_sim=_grad_norm(g_sim), grad_norm_pref=_grad_norm(g_pref),
-                   grad_norm=_grad_norm(grads))
+        lambda a, b: (cfg.w_sim * a + w_other * b).astype(a.dtype), g_sim, g_other)
+    if cfg.mode == "dreambooth":
+        loss, metrics = _dreambooth_metrics(e_y, e_g, cfg)
+    else:
+        loss, metrics = _metrics(e_y, e_g, ref_y, ref_g, inputs.labels, batch["pref_prob"], cfg)
+    metrics.update({"grad_norm_sim": _grad_norm(g_sim), f"grad_norm_{other}": _grad_norm(g_other),
+                    "grad_norm": _grad_norm(grads)})
     return loss, metrics, grads

@@ -19,6 +19,12 @@ On disk (``WORKDIR/negatives/``)::
 
 A re-run with the same settings (same pipeline files, reward model, photos, sampler settings)
 reuses the folder; any changed setting regenerates it. The folder is replaced atomically.
+
+DreamBooth with prior preservation (``objective.mode='dreambooth'``) trains on class images
+instead of negatives: N images the frozen base model samples from the class prompt ("a photo of a
+{class}") with the same fixed-noise sampler (image j from seed ``prior.seed``, prompt 0, image j),
+made by the same machinery (:func:`generate_class_images`: manifest, fingerprint, reuse,
+atomic replacement) in ``WORKDIR/class_images/`` (manifest.json, images/NNNN.png).
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ log = logs.get_logger(__name__)
 
 MANIFEST_VERSION = 2  # 2: negatives use the shared fixed-noise sampler (seed, prompt, image)
 NEGATIVES_DIR = "negatives"
+CLASS_IMAGES_DIR = "class_images"
+CLASS_PROMPT = "a photo of a {cls}"  # DreamBooth's class prompt (template of prior.prompt)
 
 
 class DualEncoderLike(Protocol):
@@ -164,6 +172,22 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def reusable_manifest(out_dir: Path, fp: str, file_lists: Sequence[str]) -> dict | None:
+    """The manifest in ``out_dir`` when it has fingerprint ``fp`` and every file its
+    ``file_lists`` entries name exists (a folder made with the same settings); else None."""
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    files = [out_dir / r["file"] for key in file_lists for r in old.get(key, [])]
+    if old.get("fingerprint") == fp and files and all(f.is_file() for f in files):
+        return old
+    return None
+
+
 # ---- generation -----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -215,21 +239,15 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
         "identity": identity or {},
     }
     fp = fingerprint(fp_settings)
-    manifest_path = out_dir / "manifest.json"
     # Several processes: all read the folder as it is now (no process writes it before the
     # sampling they all take part in), so they agree on reusing or sampling.
     distributed.barrier(f"negatives checked {out_dir}")
-    if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        files = [out_dir / r["file"] for r in old.get("references", []) + old.get("negatives", [])]
-        if old.get("fingerprint") == fp and files and all(f.is_file() for f in files):
-            if progress:
-                log.info(f"[negatives] reusing {len(old['negatives'])} negatives in {out_dir} "
-                      "(same settings)")
-            return old
+    old = reusable_manifest(out_dir, fp, ("references", "negatives"))
+    if old is not None:
+        if progress:
+            log.info(f"[negatives] reusing {len(old['negatives'])} negatives in {out_dir} "
+                     "(same settings)")
+        return old
 
     t0 = time.perf_counter()
     references, _ = images_lib.load_reference_images(subject.reference_dir, size=resolution)
@@ -278,12 +296,114 @@ def generate_negatives(pipe, encoder: DualEncoderLike, subject: Subject, workdir
     return manifest
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassImagesSettings:
+    """What determines DreamBooth's class images; any change regenerates them."""
+    num_images: int = 200        # N (diffusers' DreamBooth script: 200; the paper's DreamBooth ~1000)
+    prompt: str = CLASS_PROMPT   # template with {cls}
+    seed: int = 0
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    resolution: int = 0  # 0: the pipeline's default resolution
+    batch_size: int = 8
+
+    def check(self) -> None:
+        for name in ("num_images", "num_inference_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                key = "prior.num_images" if name == "num_images" else f"negatives.{name}"
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, name)}")
+        if self.resolution < 0:
+            raise ValueError(f"resolution must be >= 0, got {self.resolution}")
+        self.class_prompt("class")
+
+    def class_prompt(self, class_noun: str) -> str:
+        """The prompt template filled with the class noun ("a photo of a dog")."""
+        try:
+            prompt = self.prompt.format(cls=class_noun)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"config key 'prior.prompt': template {self.prompt!r} may only use "
+                             f"{{cls}} ({e!r})") from e
+        if not prompt.strip():
+            raise ValueError("config key 'prior.prompt' is empty")
+        return prompt
+
+
+def generate_class_images(pipe, class_noun: str, workdir: str | os.PathLike,
+                          settings: ClassImagesSettings, *, identity: dict | None = None,
+                          mesh=None, progress: bool = True) -> dict:
+    """Create (or reuse) ``workdir/class_images``: ``settings.num_images`` samples of the frozen
+    base pipeline ``pipe`` for the class prompt, image j from :func:`initial_noise` (seed, 0, j)
+    (:func:`rpo_jax.sd.sampling.sample_image_sets`, as the negatives); returns the manifest.
+
+    ``identity``: JSON-able description of the pipeline (its :func:`folder_fingerprint`), part of
+    the fingerprint with the class prompt, N, seed and sampler settings: any change regenerates
+    the folder (replaced atomically, never half-written); an unchanged one is reused.
+    """
+    settings.check()
+    out_dir = Path(workdir).absolute() / CLASS_IMAGES_DIR
+    resolution = settings.resolution or pipe.default_resolution
+    prompt = settings.class_prompt(class_noun)
+    fp_settings = {"version": MANIFEST_VERSION, "kind": "class_images",
+                   "settings": dataclasses.asdict(settings) | {"resolution": resolution},
+                   "class_prompt": prompt, "identity": identity or {}}
+    fp = fingerprint(fp_settings)
+    distributed.barrier(f"class images checked {out_dir}")  # as in generate_negatives
+    old = reusable_manifest(out_dir, fp, ("images",))
+    if old is not None:
+        if progress:
+            log.info(f"[class images] reusing {len(old['images'])} class images in {out_dir} "
+                     "(same settings)")
+        return old
+    t0 = time.perf_counter()
+    images = sample_image_sets(
+        pipe, pipe.unet_params, [prompt], num_images=settings.num_images,
+        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+        seed=settings.seed, negative_prompt=settings.negative_prompt, resolution=resolution,
+        batch_size=settings.batch_size, mesh=mesh, progress=progress, desc="class images")[0]
+    manifest = {
+        "version": MANIFEST_VERSION, "fingerprint": fp, "fingerprint_inputs": fp_settings,
+        "class_noun": class_noun, "prompt": prompt, "resolution": resolution, "noise": NOISE,
+        "images": [{"file": f"images/{j:04d}.png", "seed": settings.seed, "prompt_index": 0,
+                    "index": j} for j in range(len(images))],
+        "seconds": {"sample": round(time.perf_counter() - t0, 2)},
+    }
+    with fsutil.atomic_dir(out_dir, overwrite=True) as tmp:
+        (tmp / "images").mkdir()
+        for rec, image in zip(manifest["images"], images):
+            Image.fromarray(image).save(tmp / rec["file"])
+        fsutil.write_json(manifest, tmp / "manifest.json")
+    distributed.barrier(f"class images written {out_dir}")  # process 0 wrote them; the others read
+    log.info(f"[class images] {len(images)} images of {prompt!r} in {out_dir} "
+             f"({manifest['seconds']['sample']} s)")
+    return manifest
+
+
+def _read_manifest(folder: Path, remedy: str) -> dict:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {folder.name} data: {path} does not exist ({remedy})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete {folder} to make it again") from e
+
+
+def _load_images(folder: Path, records: Sequence[dict]) -> np.ndarray:
+    return np.stack([images_lib.load_image(folder / r["file"]) for r in records])
+
+
 @dataclasses.dataclass
 class PreferenceData:
     """The preference data of a workdir as arrays, ready to cache latents and draw pairs.
 
     references (Nr, H, W, 3) uint8; negatives (Nn, H, W, 3) uint8; negative_prompt_index (Nn,);
-    r_ref (Nr, P); r_gen (Nn,); prompts (P,); reference_prompt.
+    r_ref (Nr, P); r_gen (Nn,); prompts (P,); reference_prompt; negative_prompts: the prompts
+    negative_prompt_index points into (RPO: the training prompts).
+
+    DreamBooth mode (:meth:`from_class_images`): the "negatives" are the N class images, all with
+    the class prompt (negative_prompts = [class prompt]), and there are no rewards (r_ref, r_gen
+    zeros, unused); references, prompts and reference prompt are as RPO's (validation uses them).
     """
     references: np.ndarray
     negatives: np.ndarray
@@ -293,20 +413,17 @@ class PreferenceData:
     prompts: list[str]
     reference_prompt: str
     manifest: dict
+    negative_prompts: list[str] | None = None  # None: the training prompts
+
+    def __post_init__(self):
+        if self.negative_prompts is None:
+            self.negative_prompts = list(self.prompts)
 
     @classmethod
     def load(cls, workdir: str | os.PathLike) -> "PreferenceData":
         folder = Path(workdir) / NEGATIVES_DIR
-        path = folder / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no preference data: {path} does not exist "
-                                    "(run `rpo-jax negatives` first)")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); delete {folder} to make the "
-                             "negatives again") from e
-        load = lambda recs: np.stack([images_lib.load_image(folder / r["file"]) for r in recs])
+        manifest = _read_manifest(folder, "run `rpo-jax negatives` first")
+        load = lambda recs: _load_images(folder, recs)
         return cls(
             references=load(manifest["references"]),
             negatives=load(manifest["negatives"]),
@@ -317,6 +434,21 @@ class PreferenceData:
             reference_prompt=manifest["reference_prompt"],
             manifest=manifest,
         )
+
+    @classmethod
+    def from_class_images(cls, workdir: str | os.PathLike, subject: Subject) -> "PreferenceData":
+        """DreamBooth's training data: the subject's photos (resized to the class images'
+        resolution, as the negatives' references are) and ``workdir/class_images``."""
+        folder = Path(workdir) / CLASS_IMAGES_DIR
+        manifest = _read_manifest(folder, "it is made by `rpo-jax train` with objective.mode=dreambooth")
+        references, _ = images_lib.load_reference_images(subject.reference_dir, size=manifest["resolution"])
+        class_images = _load_images(folder, manifest["images"])
+        n = len(class_images)
+        return cls(references=references, negatives=class_images,
+                   negative_prompt_index=np.zeros(n, np.int64),
+                   r_ref=np.zeros((len(references), 1), np.float32), r_gen=np.zeros(n, np.float32),
+                   prompts=subject.training_prompts(), reference_prompt=subject.reference_prompt(),
+                   manifest=manifest, negative_prompts=[manifest["prompt"]])
 
     @property
     def num_pairs(self) -> int:
@@ -342,6 +474,24 @@ def check_config(config) -> None:
     if not config.subject.class_noun.strip():
         raise ValueError("subject.class_noun is empty")
     negatives_settings(config).check()
+    class_images_settings(config).check()
+    refresh = config.negatives.refresh_every
+    if not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 0:
+        raise ValueError(f"negatives.refresh_every must be an int >= 0 (0: off), got {refresh!r}")
+    if refresh and config.objective.mode != "rpo":
+        raise ValueError(f"negatives.refresh_every={refresh} (online RPO) needs objective.mode='rpo', "
+                         f"got {config.objective.mode!r}")
+
+
+def class_images_settings(config) -> ClassImagesSettings:
+    """DreamBooth's class images: ``prior.*``, sampled like the negatives (``negatives.*``)."""
+    p, n = config.prior, config.negatives
+    if not isinstance(p.num_images, int) or isinstance(p.num_images, bool):
+        raise ValueError(f"prior.num_images must be an int >= 1, got {p.num_images!r}")
+    return ClassImagesSettings(num_images=p.num_images, prompt=p.prompt, seed=p.seed,
+                               num_inference_steps=n.num_inference_steps,
+                               guidance_scale=n.guidance_scale, negative_prompt=n.negative_prompt,
+                               resolution=config.resolution, batch_size=n.batch_size)
 
 
 def negatives_settings(config) -> NegativesSettings:

@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -57,8 +58,13 @@ RESUMABLE_CHANGES = ("train.max_steps", "eval.early_stop_patience", "train.check
 MICRO_BATCH_LOOPS = ("auto", "unroll", "scan")
 ON_NONFINITE = ("stop", "skip_step")
 # Bit i of the step's metrics["nonfinite"] is set when NONFINITE_TERMS[i] is NaN or inf.
+# A term the step's metrics lack (L_pref in DreamBooth mode, L_prior in RPO mode) is never set.
 NONFINITE_TERMS = (("l_sim", "L_sim"), ("l_pref", "L_pref"), ("grad_norm", "the gradient"),
-                   ("update_norm", "the update"))
+                   ("update_norm", "the update"), ("l_prior", "L_prior"))
+# Config keys added after runs were recorded: a config.json without them equals one with these
+# values (so older workdirs still resume).
+ADDED_KEYS = {"objective.mode": "rpo", "objective.prior_weight": 1.0, "prior.num_images": 200,
+              "prior.prompt": "a photo of a {cls}", "prior.seed": 0, "negatives.refresh_every": 0}
 NonFiniteError = ckpt_lib.NonFiniteError
 SUMMARY_FILE = "summary.json"
 
@@ -118,7 +124,8 @@ def objective_config(config, prediction_type: str,
     return objective.ObjectiveConfig(prediction_type=prediction_type, beta=o.beta, w_sim=o.w_sim,
                                      w_pref=o.w_pref, share_noise_in_pair=o.share_noise_in_pair,
                                      label_mode=config.labels.mode,
-                                     num_train_timesteps=num_train_timesteps)
+                                     num_train_timesteps=num_train_timesteps,
+                                     mode=o.mode, prior_weight=o.prior_weight)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -142,12 +149,15 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any, param_sharding
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The keys (dotted) whose values differ between two JSON configs, except
     :data:`RESUMABLE_CHANGES`. A config.json written before the ``lora`` section existed equals
-    one with LoRA off."""
+    one with LoRA off; one written before the :data:`ADDED_KEYS` existed equals one with their
+    defaults."""
     keys = []
     for k in sorted(set(old) | set(new)):
         path = f"{prefix}{k}"
         a, b = old.get(k), new.get(k)
         if path == "lora" and (a is None or b is None) and not (a or b or {}).get("enabled"):
+            continue
+        if k not in old and _added_with_default(path, b):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             keys += config_diff(a, b, path + ".")
@@ -156,26 +166,38 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _added_with_default(path: str, value) -> bool:
+    """Whether ``value`` at ``path`` is (a section of) :data:`ADDED_KEYS` at their defaults."""
+    if isinstance(value, dict):
+        return all(_added_with_default(f"{path}.{k}", v) for k, v in value.items())
+    return path in ADDED_KEYS and ADDED_KEYS[path] == value
+
+
 # ---- caches ---------------------------------------------------------------------------------
 
-def build_cache(pipe, data: preference.PreferenceData) -> dict[str, np.ndarray]:
-    """Host arrays the step gathers from: VAE posterior mean/std (scaled), text embeddings, p."""
-    def posterior(images):
-        x = images_lib.to_model_range(images)
-        means, stds = [], []
-        for i in range(0, len(x), 8):
-            mean, logvar = pipe._encode_fn(pipe.vae_params, jnp.asarray(x[i:i + 8]))
-            means.append(np.asarray(vae_lib.scale_latents(mean, pipe.vae.config)))
-            # std scales with the latent: (z - shift) * s has std * s
-            stds.append(np.asarray(jnp.exp(0.5 * logvar)) * pipe.vae.config.scaling_factor)
-        return np.concatenate(means), np.concatenate(stds)
+def posterior(pipe, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, H, W, 3) → the VAE posterior's (mean, std), each (N, h, w, C) float32,
+    scaled like the latents the UNet sees."""
+    x = images_lib.to_model_range(images)
+    means, stds = [], []
+    for i in range(0, len(x), 8):
+        mean, logvar = pipe._encode_fn(pipe.vae_params, jnp.asarray(x[i:i + 8]))
+        means.append(np.asarray(vae_lib.scale_latents(mean, pipe.vae.config)))
+        # std scales with the latent: (z - shift) * s has std * s
+        stds.append(np.asarray(jnp.exp(0.5 * logvar)) * pipe.vae.config.scaling_factor)
+    return np.concatenate(means), np.concatenate(stds)
 
-    ref_mean, ref_std = posterior(data.references)
-    neg_mean, neg_std = posterior(data.negatives)
+
+def build_cache(pipe, data: preference.PreferenceData) -> dict[str, np.ndarray]:
+    """Host arrays the step gathers from: VAE posterior mean/std (scaled), text embeddings, p.
+    The "neg" entries are the negatives (RPO) or the class images (DreamBooth mode); their prompt
+    contexts are ``data.negative_prompts``."""
+    ref_mean, ref_std = posterior(pipe, data.references)
+    neg_mean, neg_std = posterior(pipe, data.negatives)
     return {
         "ref_mean": ref_mean, "ref_std": ref_std, "neg_mean": neg_mean, "neg_std": neg_std,
         "ref_context": np.asarray(pipe.encode_prompts([data.reference_prompt]))[0],
-        "prompt_context": np.asarray(pipe.encode_prompts(data.prompts)),
+        "prompt_context": np.asarray(pipe.encode_prompts(data.negative_prompts)),
         "neg_prompt_index": data.negative_prompt_index.astype(np.int32),
         "pref_prob": np.asarray(data.probabilities(), np.float32),
     }
@@ -195,6 +217,78 @@ def pair_indices(step: int, num_pairs: int, per_step: int, seed: int) -> np.ndar
         out.extend(order[offset:offset + take])
         position += take
     return np.asarray(out, np.int32)
+
+
+# ---- online RPO: negatives refreshed from the model being trained -----------------------------
+
+ONLINE_DIR = "online_negatives"
+
+
+def refresh_seed(seed: int, step: int) -> int:
+    """The sampling seed of the negatives refreshed at ``step``: a 31-bit integer drawn from
+    ``fold_in(PRNGKey(negatives.seed), step)`` (fresh per refresh, a function of the step)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    return int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+
+
+def refresh_negatives(pipe, unet_params: Any, encoder, data: preference.PreferenceData,
+                      settings: preference.NegativesSettings, step: int, mesh=None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Online RPO's negatives at ``step``: (images (Nn, H, W, 3) uint8, r_gen (Nn,) float32).
+
+    The same prompts and count as ``data``'s negatives (``settings.k`` per training prompt, in
+    the manifest's order), sampled with ``unet_params`` (the UNet being trained) by the fixed-noise
+    sampler from seed :func:`refresh_seed` (settings.seed, step), and scored with r_{λ_train}
+    against the references. A pure function of (params, step): a resumed run re-makes them.
+    """
+    images = sample_image_sets(
+        pipe, unet_params, data.prompts, num_images=settings.k,
+        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+        seed=refresh_seed(settings.seed, step), negative_prompt=settings.negative_prompt,
+        resolution=data.references.shape[1], batch_size=settings.batch_size, mesh=mesh,
+        desc=f"negatives@{step}")
+    images = images.reshape((-1,) + images.shape[2:])
+    r_gen, _ = preference.score(encoder, images, data.negative_prompt_index, data.references,
+                                data.prompts, settings.lambda_train)
+    return images, np.asarray(r_gen, np.float32)
+
+
+def online_path(workdir: Path, step: int) -> Path:
+    """Where the negatives refreshed at ``step`` are kept (images, r_gen, seed)."""
+    return Path(workdir) / ONLINE_DIR / f"step_{step:06d}.npz"
+
+
+def online_resume_step(config, workdir: Path, start_step: int) -> int:
+    """Online RPO: the step of the last refresh at or before ``start_step`` (0: none). A fresh run
+    (step 0) drops any sets an earlier attempt left; a resumed run past a refresh needs that
+    refresh's kept set (made from params no checkpoint holds): a one-line error naming it."""
+    k = config.negatives.refresh_every
+    if not k:
+        return 0
+    if start_step == 0 and logs.is_primary():
+        shutil.rmtree(Path(workdir) / ONLINE_DIR, ignore_errors=True)
+    distributed.barrier("online negatives dropped")
+    last = start_step // k * k
+    path = online_path(workdir, last)
+    if 0 < last < start_step and not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the negatives refreshed at step {last} (negatives.refresh_every="
+            f"{k}) are needed to resume from step {start_step}; move {Path(workdir) / 'checkpoints'} "
+            "away to train from the start")
+    return last
+
+
+def negatives_entries(pipe, data: preference.PreferenceData, images: np.ndarray,
+                      r_gen: np.ndarray) -> dict[str, np.ndarray]:
+    """The cache entries a new set of negatives replaces: neg_mean, neg_std, pref_prob (the
+    references' rewards r_ref stay: same photos, same prompts, same λ_train)."""
+    neg_mean, neg_std = posterior(pipe, images)
+    fresh = preference.PreferenceData(
+        references=data.references, negatives=images, negative_prompt_index=data.negative_prompt_index,
+        r_ref=data.r_ref, r_gen=np.asarray(r_gen, np.float32), prompts=data.prompts,
+        reference_prompt=data.reference_prompt, manifest=data.manifest)
+    return {"neg_mean": neg_mean, "neg_std": neg_std,
+            "pref_prob": np.asarray(fresh.probabilities(), np.float32)}
 
 
 # ---- the step ---------------------------------------------------------------------------------
@@ -290,7 +384,7 @@ def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.nd
 def nonfinite_bits(metrics: dict) -> jnp.ndarray:
     """int32 scalar: bit i set when ``metrics[NONFINITE_TERMS[i][0]]`` is NaN or inf."""
     bits = [(~jnp.isfinite(metrics[k])).astype(jnp.int32) << i
-            for i, (k, _) in enumerate(NONFINITE_TERMS)]
+            for i, (k, _) in enumerate(NONFINITE_TERMS) if k in metrics]
     return functools.reduce(jnp.bitwise_or, bits)
 
 
@@ -626,6 +720,7 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
         meta.setdefault("sweep", {})
         log.info(f"[train] resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
     start_step = int(state.step)
+    last_refresh = online_resume_step(config, workdir, start_step)
 
     # 4. the compiled step
     per_step = t.batch_size * t.grad_accum
@@ -651,6 +746,40 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
     sweep_ckpt = {lam: _best_manager(workdir, lam) for lam in validator.sweep}
     if logs.is_primary():
         (workdir / "samples").mkdir(exist_ok=True)
+
+    # Online RPO (negatives.refresh_every = k > 0): at every step s = k, 2k, ... the negatives are
+    # re-sampled from the UNet at step s (refresh_negatives) and kept in online_negatives/, so a
+    # resumed run continues from the set of the last refresh at or before its step.
+    refresh_every = config.negatives.refresh_every
+    online = {"step": 0}  # the step whose negatives the cache holds (0: the base model's)
+    neg_settings = preference.negatives_settings(config)
+
+    def use_refresh(at: int) -> dict:
+        """The cache with the negatives of the refresh at step ``at``: the kept set, or (none
+        kept yet) a new one from the current UNet, then kept."""
+        path = online_path(workdir, at)
+        distributed.barrier(f"online negatives {at} checked")  # all agree on reuse or sampling
+        if path.is_file():
+            with np.load(path) as f:
+                images, r_gen = f["images"], f["r_gen"]
+        else:
+            t_refresh = time.perf_counter()
+            images, r_gen = refresh_negatives(pipe, sampled(state.params), encoder, data,
+                                              neg_settings, at, mesh)
+            with fsutil.atomic_file(path, "wb") as f:  # process 0 writes
+                np.savez(f, images=images, r_gen=r_gen, step=at, seed=refresh_seed(neg_settings.seed, at))
+            images_lib.save_grid(images, workdir / "samples" / f"negatives_step_{at:06d}.png",
+                                 rows=len(data.prompts), labels=data.prompts)
+            seconds = time.perf_counter() - t_refresh
+            metrics_log.write(at, {"r_gen_mean": float(r_gen.mean()), "seconds": seconds}, "negatives")
+            log.info(f"[online] step {at}: {len(images)} negatives re-sampled from the current UNet "
+                     f"(r_gen mean {float(r_gen.mean()):.4f}; {seconds:.1f}s) → {path}")
+        distributed.barrier(f"online negatives {at} written")
+        online["step"] = at
+        return {**cache, **distributed.put(negatives_entries(pipe, data, images, r_gen), replicated)}
+
+    if 0 < last_refresh < start_step:  # (last == start_step: the loop refreshes first thing)
+        cache = use_refresh(last_refresh)
     stop = {"signal": None}
     # SIGTERM: on one process this handler; on several, JAX's preemption service (it catches
     # SIGTERM on any process, and every process stops at the same step: see the loop)
@@ -751,6 +880,11 @@ def train(config, workdir: str | os.PathLike, *, pipe, encoder, data: preference
 
     try:
         while step < t.max_steps and stop["signal"] is None:
+            if refresh_every and step > 0 and step % refresh_every == 0 and online["step"] != step:
+                check_nonfinite()
+                t_refresh = time.perf_counter()
+                cache = use_refresh(step)
+                clock["t"] += time.perf_counter() - t_refresh  # not a training step's time
             idx = pair_indices(step, data.num_pairs, per_step, t.seed).reshape(t.grad_accum, t.batch_size)
             state, metrics = compiled(state, ref_params, cache, distributed.put(idx, replicated))
             step += 1
