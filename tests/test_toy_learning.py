@@ -99,18 +99,19 @@ def test_main_job_leaves_its_report_files(toy_run):
 
 # ---- DreamBooth with prior preservation (configs/toy_dreambooth.py) -------------------------
 # Measured with `rpo-jax toy experiment` (the "DreamBooth N=200" arm; seed 0 is exactly
-# configs/toy_dreambooth.py), base → DreamBooth, selected step, seeds 0 / 1 / 2 (64 images each):
-#   oracle subject rate   0 → 0.297 / DB_SEED1 / DB_SEED2
-#   CLIP-I                0.353 → 0.573 / ...
-#   oracle scene accuracy 0.938 → 0.781 / ...
-# Thresholds keep about half the smallest measured gain; the scene tolerance is the largest
-# measured drop plus 0.1.
-DB_MIN_SUBJECT_RATE_GAIN = 0.02
-DB_MIN_FIDELITY_GAIN = 0.04
-DB_SCENE_TOLERANCE = 0.27
+# configs/toy_dreambooth.py), base → DreamBooth at the selected step (150 / 150 / 250 of 300),
+# seeds 0 / 1 / 2 (64 images each; measured 2026-12-05):
+#   oracle subject rate   0 → 0.297 / 0 → 0.188 / 0 → 0.281   (base: 0 of 192 images)
+#   CLIP-I                0.353 → 0.573 / 0.357 → 0.543 / 0.375 → 0.546
+#   oracle scene accuracy 0.938 → 0.781 / 0.906 → 0.891 / 0.906 → 0.703
+# Thresholds keep about half the smallest measured gain (subject rate +0.188: at least 6 of the
+# 64 images; CLIP-I +0.171); the scene tolerance is the largest measured drop (0.203) plus 0.1.
+DB_MIN_SUBJECT_RATE_GAIN = 0.09
+DB_MIN_FIDELITY_GAIN = 0.08
+DB_SCENE_TOLERANCE = 0.30
 
 
-@pytest.mark.slow  # the whole 300-step DreamBooth job and 200 class images: ~3.5 min on 2 busy cores
+@pytest.mark.slow  # the whole 300-step DreamBooth job and 200 class images: 142 s measured (2 cores, other jobs running)
 def test_dreambooth_raises_subject_rate_and_fidelity_within_scene_tolerance(tmp_path):
     config = config_lib.resolve("configs/toy_dreambooth.py", OVERRIDES)
     job_lib.train_and_evaluate(config, tmp_path, progress=False)
