@@ -1,5 +1,6 @@
 """rpo-jax plan: ahead-of-time compiles of the RPO step for a TPU topology described by libtpu,
 on this CPU host, with a micro UNet (full-size plans are for users: minutes per candidate)."""
+import dataclasses
 import json
 
 import pytest
@@ -95,10 +96,47 @@ def test_derived_numbers():
     assert plan_lib.derive(result, cand, target, headroom=0.2)["fits"] is False
     assert d["images_per_second_per_chip"] == 48 / 4 / 0.5
     assert d["est_mfu"] == pytest.approx(2e12 / 0.5 / 275e12)
+    # The roofline bound: v4 moves 1228 GB/s per chip; 2 devices per chip double the bytes.
+    roof = plan_lib.derive(dict(result, cost={"flops": 1e12, "bytes accessed": 2e11}), cand, target, 0.1)
+    assert roof["roofline_step_seconds"] == pytest.approx(max(2e12 / 275e12, 4e11 / 1228e9))
     refused = plan_lib.derive(plan_lib._oom_record("RESOURCE_EXHAUSTED: Ran out of memory in memory "
                                                    "space hbm. Used 20.5G of 15.75G hbm."),
                               cand, target, headroom=0.1)
     assert refused["fits"] is False and refused["total_bytes"] == 20.5 * gib
+
+
+def test_recommendation_when_xla_gives_no_valid_time():
+    """libtpu's optimal_seconds is negative for full SD 2.1 (-1590.9 for v5e:2x4, FSDP, 1 pair per
+    chip): shown as n/a, and the fitting candidates are ranked by the roofline bound instead."""
+    target = plan_lib.Target("v5e:2x4", [None] * 8, "tpu", "TPU v5 lite", 8,
+                             devices.known_chip("TPU v5 lite"), 16 * plan_lib.GIB)
+    gib = plan_lib.GIB
+    memory = {"argument": 1.6 * gib, "output": 1.2 * gib, "alias": 1.2 * gib, "temp": 7 * gib,
+              "generated_code": 0.4 * gib}
+    records = []
+    for pairs, seconds, bytes_accessed, temp in ((1, -1590.9, 1.4e11, 7), (4, 0.9, 3e11, 9), (16, 2.0, 6e11, 40)):
+        cand = plan_lib.Candidate((1, 8, 1), "fsdp", pairs, "bfloat16", False, "float32", 1, "einsum")
+        result = {"compiled": True, "memory": dict(memory, temp=temp * gib),
+                  "cost": {"flops": 5.3e12 * pairs, "bytes accessed": bytes_accessed,
+                           "optimal_seconds": seconds}}
+        records.append(dict(dataclasses.asdict(cand), **result, **plan_lib.derive(result, cand, target, 0.1)))
+    assert records[0]["xla_estimate_invalid"] == -1590.9 and "est_step_seconds" not in records[0]
+    assert [r["fits"] for r in records] == [True, True, False]
+    # Roofline per chip: 1 pair 1.4e11 B / 819 GB/s = 171 ms; 4 pairs 366 ms (2.2 vs 5.5 pairs/s).
+    best, basis = plan_lib.recommend(records)
+    assert (best, basis) == (1, "roofline")
+    table = plan_lib.markdown({"arch": "sd21", "resolution": 512, "headroom": 0.1,
+                               "target": {"topology": "v5e:2x4", "device_kind": "TPU v5 lite",
+                                          "platform": "tpu", "devices": 8, "chips": 8, "chip": "TPU v5e",
+                                          "hbm_bytes_per_chip": 16 * gib, "peak_bf16_flops_per_chip": 197e12},
+                               "candidates": records, "recommended": best, "recommended_by": basis})
+    assert "| 5,300 | 171 | n/a |" in table and "fastest roofline bound that fits" in table
+    assert "XLA's optimal_seconds was not a time for 1 candidate(s) (-1591)" in table
+    # With a valid XLA estimate on every fitting candidate, XLA's estimate ranks them.
+    records[0].update(est_step_seconds=0.1, images_per_second_per_chip=2.0)
+    assert plan_lib.recommend(records) == (0, "xla")
+    # Nothing fits: no recommendation.
+    assert plan_lib.recommend([dict(r, fits=False) for r in records]) == (None, None)
 
 
 def test_cache_key_covers_the_candidate(micro_arch):

@@ -23,6 +23,7 @@ class Chip:
     name: str
     bf16_tflops: float
     memory_gib: float
+    memory_gbps: float  # HBM bandwidth, GB/s (10^9 bytes per second)
 
     @property
     def hbm_bytes(self) -> float:
@@ -32,20 +33,24 @@ class Chip:
     def peak_bf16_flops(self) -> float:
         return self.bf16_tflops * 1e12
 
+    @property
+    def memory_bytes_per_second(self) -> float:
+        return self.memory_gbps * 1e9
 
-# Vendors' datasheets: dense bf16 TFLOP/s and HBM per chip. TPU device_kind strings as JAX reports
-# them ("TPU v5 lite" is v5e, "TPU v5" is v5p, "TPU v6 lite" is v6e / Trillium).
+
+# Vendors' datasheets: dense bf16 TFLOP/s, HBM GiB and HBM GB/s per chip. TPU device_kind strings
+# as JAX reports them ("TPU v5 lite" is v5e, "TPU v5" is v5p, "TPU v6 lite" is v6e / Trillium).
 CHIPS = (
-    Chip("TPU v6 lite", "TPU v6e", 918.0, 32),
-    Chip("TPU v5 lite", "TPU v5e", 197.0, 16),
-    Chip("TPU v5p", "TPU v5p", 459.0, 95),
-    Chip("TPU v5", "TPU v5p", 459.0, 95),
-    Chip("TPU v4", "TPU v4", 275.0, 32),
-    Chip("H200", "NVIDIA H200", 989.0, 141),
-    Chip("H100", "NVIDIA H100", 989.0, 80),
-    Chip("A100", "NVIDIA A100", 312.0, 80),
-    Chip("A40", "NVIDIA A40", 149.7, 48),
-    Chip("L4", "NVIDIA L4", 121.0, 24),
+    Chip("TPU v6 lite", "TPU v6e", 918.0, 32, 1640.0),
+    Chip("TPU v5 lite", "TPU v5e", 197.0, 16, 819.0),
+    Chip("TPU v5p", "TPU v5p", 459.0, 95, 2765.0),
+    Chip("TPU v5", "TPU v5p", 459.0, 95, 2765.0),
+    Chip("TPU v4", "TPU v4", 275.0, 32, 1228.0),
+    Chip("H200", "NVIDIA H200", 989.0, 141, 4800.0),
+    Chip("H100", "NVIDIA H100", 989.0, 80, 3350.0),
+    Chip("A100", "NVIDIA A100", 312.0, 80, 2039.0),
+    Chip("A40", "NVIDIA A40", 149.7, 48, 696.0),
+    Chip("L4", "NVIDIA L4", 121.0, 24, 300.0),
 )
 
 

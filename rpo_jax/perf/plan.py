@@ -332,8 +332,10 @@ def make_job(arch: Arch, config, target: Target, cand: Candidate, resolution: in
 
 
 def derive(result: dict, cand: Candidate, target: Target, headroom: float) -> dict:
-    """Per-chip numbers from one compile: memory against HBM (fits with ``headroom`` spare),
-    images/s per chip and MFU from XLA's estimated step time (``optimal_seconds``)."""
+    """Per-chip numbers from one compile: memory against HBM (fits with ``headroom`` spare), a
+    roofline bound on the step time (max of FLOPs / bf16 peak and bytes accessed / HBM bandwidth),
+    and images/s per chip and MFU from XLA's estimated step time (``optimal_seconds``; libtpu
+    returns a negative value for some large programs, kept as ``xla_estimate_invalid``)."""
     per_device_hbm = target.hbm_bytes / target.devices_per_chip if target.hbm_bytes else None
     pairs = cand.pairs_per_chip * target.chips * cand.grad_accum
     out: dict[str, Any] = {"pairs_per_step": pairs, "images_per_step": 2 * pairs,
@@ -347,13 +349,33 @@ def derive(result: dict, cand: Candidate, target: Target, headroom: float) -> di
     out["fits"] = None if per_device_hbm is None else bool(total <= (1 - headroom) * per_device_hbm)
     out["hbm_fraction"] = None if per_device_hbm is None else total / per_device_hbm
     out["flops_per_chip"] = c.get("flops", 0.0) * target.devices_per_chip
+    chip = target.chip
+    if chip is not None and chip.memory_gbps and c.get("flops"):
+        out["roofline_step_seconds"] = max(
+            out["flops_per_chip"] / chip.peak_bf16_flops,
+            c.get("bytes accessed", 0.0) * target.devices_per_chip / chip.memory_bytes_per_second)
     seconds = c.get("optimal_seconds")
-    if seconds and seconds > 0:
+    if seconds is not None and seconds <= 0:
+        out["xla_estimate_invalid"] = seconds
+    elif seconds:
         out["est_step_seconds"] = seconds
         out["images_per_second_per_chip"] = 2 * pairs / target.chips / seconds
-        if target.chip is not None:
-            out["est_mfu"] = out["flops_per_chip"] / seconds / target.chip.peak_bf16_flops
+        if chip is not None:
+            out["est_mfu"] = out["flops_per_chip"] / seconds / chip.peak_bf16_flops
     return out
+
+
+def recommend(records: list[dict]) -> tuple[int | None, str | None]:
+    """The index of the fastest candidate that fits and what ranked it: XLA's estimate when every
+    fitting candidate has a valid one, else the roofline bound (then None if neither exists).
+    Ties go to the smaller memory footprint."""
+    fitting = [i for i, r in enumerate(records) if r.get("fits")]
+    for key, basis in (("est_step_seconds", "xla"), ("roofline_step_seconds", "roofline")):
+        if fitting and all(records[i].get(key) for i in fitting):
+            best = max(fitting, key=lambda i: (records[i]["pairs_per_step"] / records[i][key],
+                                               -records[i]["total_bytes"]))
+            return best, basis
+    return None, None
 
 
 def _init_worker(env: dict[str, str]) -> None:
@@ -395,7 +417,9 @@ def plan(arch: str, topology: str, *, config_file: str | None = None, overrides:
     train.grad_accum); ``attentions`` to 'einsum' on accelerators and the config's kernel on a
     CPU; ``resolution`` (pixels) to the config's, else the architecture's native size.
     Returns {"target", "arch", "resolution", "headroom", "candidates": [record...],
-    "recommended": index of the fastest candidate that fits, or None}.
+    "recommended": index of the fastest candidate that fits, or None, "recommended_by": 'xla'
+    (XLA's estimated step time) or 'roofline' (the roofline bound, where XLA gives no valid
+    estimate for some fitting candidate)}.
     """
     if not 0 <= headroom < 1:
         raise ValueError(f"--headroom must be in [0, 1), got {headroom}")
@@ -450,17 +474,15 @@ def plan(arch: str, topology: str, *, config_file: str | None = None, overrides:
         rec = dict(dataclasses.asdict(cand), **results[i])
         rec.update(derive(results[i], cand, target, headroom))
         records.append(rec)
-    fitting = [i for i, r in enumerate(records)
-               if r.get("fits") and r.get("images_per_second_per_chip")]
-    best = max(fitting, key=lambda i: (records[i]["images_per_second_per_chip"],
-                                       -records[i]["total_bytes"]), default=None)
+    best, basis = recommend(records)
     return {"arch": a.name, "resolution": resolution, "headroom": headroom,
             "target": {"topology": target.topology, "device_kind": target.device_kind,
                        "platform": target.platform, "devices": len(target.devices),
                        "chips": target.chips, "chip": target.chip and target.chip.name,
                        "hbm_bytes_per_chip": target.hbm_bytes,
                        "peak_bf16_flops_per_chip": target.chip and target.chip.peak_bf16_flops},
-            "versions": _versions(), "candidates": records, "recommended": best}
+            "versions": _versions(), "candidates": records, "recommended": best,
+            "recommended_by": basis}
 
 
 def describe(c: Candidate) -> str:
@@ -486,11 +508,12 @@ def markdown(result: dict) -> str:
              + (f" ({hbm / GIB:.1f} GiB {'host RAM' if tg['platform'] == 'cpu' else 'HBM'} per chip" if hbm else " (memory capacity unknown")
              + (f", {tg['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 peak)" if tg["peak_bf16_flops_per_chip"] else ")")
              + f"; fits = total ≤ {100 * (1 - result['headroom']):.0f}% of HBM. Times and MFU are "
-             "XLA's estimates (optimal_seconds), not measurements.", "",
+             "estimates, not measurements: roofline = max(FLOPs / peak, bytes accessed / HBM "
+             "bandwidth), a lower bound; est. = XLA's cost model (optimal_seconds).", "",
              "| mesh (d×f×t) | pairs/chip | batch | accum | dtype | frozen UNet | remat | args GiB | "
-             "temp GiB | out GiB | alias GiB | total GiB | HBM | fits | GFLOP/step/chip | est. ms/step | "
-             "est. img/s/chip | est. MFU |",
-             "|" + "---|" * 18]
+             "temp GiB | out GiB | alias GiB | total GiB | HBM | fits | GFLOP/step/chip | "
+             "roofline ms/step | est. ms/step | est. img/s/chip | est. MFU |",
+             "|" + "---|" * 19]
     for i, r in enumerate(result["candidates"]):
         m = r.get("memory") or {}
         mesh = f"{r['mesh_name']} {'×'.join(map(str, r['mesh']))}"
@@ -498,21 +521,38 @@ def markdown(result: dict) -> str:
         if i == result["recommended"]:
             fits = "**best**"
         est = r.get("est_step_seconds")
+        roof = r.get("roofline_step_seconds")
         lines.append("| " + " | ".join([
             mesh, str(r["pairs_per_chip"]), str(r["batch_size"]), str(r["grad_accum"]), r["dtype"],
             r["ref_dtype"], "on" if r["remat"] else "off", _gib(m.get("argument")), _gib(m.get("temp")),
             _gib(m.get("output")), _gib(m.get("alias")), _gib(r.get("total_bytes")),
             "" if r.get("hbm_fraction") is None else f"{100 * r['hbm_fraction']:.0f}%", fits,
             "" if "flops_per_chip" not in r else _num(r['flops_per_chip'] / 1e9),
-            "" if est is None else _num(1e3 * est),
+            "" if roof is None else _num(1e3 * roof),
+            "n/a" if "xla_estimate_invalid" in r else "" if est is None else _num(1e3 * est),
             "" if "images_per_second_per_chip" not in r else _num(r['images_per_second_per_chip']),
             "" if "est_mfu" not in r else f"{100 * r['est_mfu']:.0f}%"]) + " |")
     best = result["recommended"]
     lines.append("")
-    if best is None:
-        lines.append("No candidate fits" + ("" if hbm else " (unknown memory capacity)") + ".")
-    else:
+    fitting = [r for r in result["candidates"] if r.get("fits")]
+    if best is not None:
         r = result["candidates"][best]
-        lines.append(f"Recommended (fastest estimate that fits): {describe(Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__}))}"
-                     f": ~{r['images_per_second_per_chip']:.2f} images/s per chip by XLA's estimate.")
+        what = describe(Candidate(**{k: r[k] for k in Candidate.__dataclass_fields__}))
+        if result.get("recommended_by", "xla") == "xla":
+            lines.append(f"Recommended (fastest XLA estimate that fits): {what}: "
+                         f"~{r['images_per_second_per_chip']:.2f} images/s per chip by XLA's estimate.")
+        else:
+            lines.append(f"Recommended (fastest roofline bound that fits; XLA gave no valid time "
+                         f"estimate for every fitting candidate): {what}: at most "
+                         f"{r['images_per_step'] / tg['chips'] / r['roofline_step_seconds']:.2f} "
+                         "images/s per chip by the roofline bound.")
+    elif fitting:
+        lines.append("Candidates fit, but there is no time estimate to rank them by (XLA gives none for "
+                     "this platform and the chip's peak and bandwidth are unknown).")
+    else:
+        lines.append("No candidate fits" + ("" if hbm else " (unknown memory capacity)") + ".")
+    invalid = [r["xla_estimate_invalid"] for r in result["candidates"] if "xla_estimate_invalid" in r]
+    if invalid:
+        lines.append(f"XLA's optimal_seconds was not a time for {len(invalid)} candidate(s) "
+                     f"({', '.join(f'{v:.4g}' for v in invalid)}): shown as n/a.")
     return "\n".join(lines)
