@@ -5,8 +5,8 @@ Usage:
   python launch/bench_lora.py --models toy --rank 32 --targets attn_ff --runs 5 --out lora.json
 
 Both steps are ``rpo_jax.rpo.train.train_step`` compiled as ``train()`` compiles it (fp32, one
-device, grad_accum 1, donated state), on the same UNet and batch, alternating after warm-up so
-that machine drift hits both:
+device, grad_accum 1, the state donated where train.donate_state says), on the same UNet and
+batch, alternating after warm-up so that machine drift hits both:
   full  the whole UNet trains; a frozen copy is the reference (two UNet-sized trees + AdamW)
   lora  adapters train (PEFT layout, ``--rank``, α = rank, ``--targets``); the one UNet tree is
         the base and, adapters off, the reference
@@ -92,7 +92,8 @@ def build(kind: str, module, params, alphas, prediction_type, cache, lora_cfg, p
         train.train_step, apply_fn=lambda p, x, t, c: module.apply({"params": p}, x, t, c),
         adapter_fn=None if kind == "full" else adapters.adapter_apply_fn(module, lora_cfg),
         alphas_cumprod=jnp.asarray(alphas), obj_cfg=train.objective_config(config, prediction_type),
-        tx=tx, term_grad_norms=False, batch_sharding=None), donate_argnums=(0,))
+        tx=tx, term_grad_norms=False, batch_sharding=None),
+        donate_argnums=(0,) if train.donate_state() else ())
     cache = jax.device_put(cache, replicated)
     idx = jnp.arange(pairs, dtype=jnp.int32)[None] * 5 % 128
     t0 = time.perf_counter()

@@ -106,3 +106,30 @@ def test_unrolled_and_scanned_micro_batches_give_the_same_update(setup, single):
                                                    ("unroll", "tpu", True)])
 def test_micro_batch_loop_setting(loop, backend, unroll):
     assert train.unroll_micro_batches(loop, backend) is unroll
+
+
+@pytest.mark.parametrize("backend, donate", [("cpu", False), ("tpu", True), ("gpu", True), (None, False)])
+def test_the_state_is_donated_except_on_the_cpu_backend(backend, donate):
+    assert train.donate_state(backend) is donate  # this suite runs on the CPU backend
+
+
+def test_the_cpu_step_copies_no_trained_parameter(setup):
+    """Donated, XLA:CPU copies every trained parameter at the start of the step
+    (train.donate_state); the CPU step takes fresh output buffers instead and copies none."""
+    config, module, *_ = setup
+    mesh = partitioning.make_mesh((1, 1, 1))
+    cache = train.cache_shapes(4, 8, 8, (8, 8, 4), (77, 32))
+    args, shardings = train.abstract_train_inputs(config, module, mesh, cache)
+    from rpo_jax.sd.schedulers import NoiseSchedule
+    schedule = NoiseSchedule.from_dict(tiny.scheduler_config("sd21"))
+
+    def param_copies(backend):
+        step = train.jit_train_step(config, module, schedule, mesh, *shardings, backend=backend)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
+            hlo = step.lower(*args).compile().as_text()
+        return hlo.count("copy(%state_params")
+
+    n_params = len(jax.tree.leaves(args[0].params))
+    assert param_copies("cpu") == 0
+    # what the CPU step avoids: with donation (the accelerator setting) XLA:CPU copies them all
+    assert param_copies("tpu") == n_params

@@ -8,7 +8,7 @@ after warm-up, so that machine drift hits both; JAX's compile time is reported s
 
   step      ``rpo_jax.rpo.train.jit_train_step`` (what ``rpo-jax train`` compiles: cache gathers,
             posterior samples, noise, frozen + trained UNet, L_sim + L_pref, micro-batch
-            accumulation, global-norm clip, AdamW, donated state) against
+            accumulation, global-norm clip, AdamW, state donated except on the CPU) against
             :class:`rpo_jax.perf.torch_ref.TorchStep`
   sampling  :class:`rpo_jax.sd.sampling.DDIMSampler` against diffusers' DDIM + CFG loop, from the
             same initial latents and prompt embeddings

@@ -301,6 +301,16 @@ def unroll_micro_batches(loop: str, backend: str | None = None) -> bool:
     return loop == "unroll"
 
 
+def donate_state(backend: str | None = None) -> bool:
+    """Whether the compiled step writes the new train state over the old one's buffers (JAX
+    donation): on accelerators, yes (one copy of params and AdamW state instead of two); on the
+    CPU backend, no. XLA:CPU guards every donated trained parameter with a full copy at the start
+    of the step (the AdamW update is fused twice, into the new parameters and into the update
+    norm, and the two sibling fusions read the old value in no fixed order), which costs more than
+    fresh output buffers: 12 % of the sd21-small step, 10-17 % of the toy step (docs/performance.md)."""
+    return (backend or jax.default_backend()) != "cpu"
+
+
 def train_step(state: TrainState, ref_params: Any, cache: dict, pair_idx: jnp.ndarray, *,
                apply_fn, alphas_cumprod, obj_cfg: objective.ObjectiveConfig,
                tx: optax.GradientTransformation, term_grad_norms: bool,
@@ -397,10 +407,10 @@ def jit_train_step(config, unet_module: nn.Module, schedule, mesh: jax.sharding.
                    state_shardings: Any, param_shardings: Any, cache_shardings: Any,
                    backend: str | None = None):
     """:func:`train_step` jitted as ``train()`` runs it: ``(state, ref_params, cache, pair_idx
-    (grad_accum, B) int32) → (state, metrics)``, the state donated, the batch split over the
-    mesh's ('data', 'fsdp') axes. ``backend`` (default: JAX's) picks the micro-batch loop of
-    'auto' (see :func:`unroll_micro_batches`); the throughput bench and the TPU planner compile
-    this same function."""
+    (grad_accum, B) int32) → (state, metrics)``, the state donated (except on the CPU backend:
+    :func:`donate_state`), the batch split over the mesh's ('data', 'fsdp') axes. ``backend``
+    (default: JAX's) picks the micro-batch loop of 'auto' (see :func:`unroll_micro_batches`) and
+    the donation; the throughput bench and the TPU planner compile this same function."""
     t = config.train
     replicated = NamedSharding(mesh, PartitionSpec())
     lora_cfg = adapters.lora_config(config)
@@ -415,7 +425,7 @@ def jit_train_step(config, unet_module: nn.Module, schedule, mesh: jax.sharding.
                           skip_nonfinite=t.on_nonfinite == "skip_step",
                           batch_sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp")))),
         in_shardings=(state_shardings, param_shardings, cache_shardings, replicated),
-        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate_state(backend) else ())
 
 
 def cache_shapes(num_refs: int, num_negs: int, num_prompts: int, latent_shape: tuple[int, int, int],
