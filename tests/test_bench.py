@@ -66,3 +66,12 @@ def test_known_chips_and_measured_peak():
     assert devices.known_chip("cpu") is None
     peak, source = devices.peak_tflops()
     assert peak > 0 and source.startswith("measured")
+
+
+def test_host_cpu_names_the_model_family_and_count(tmp_path):
+    one = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n"
+    (tmp_path / "cpuinfo").write_text(one.format(0) + one.format(1))
+    assert devices.host_cpu(str(tmp_path / "cpuinfo")) == "AMD EPYC (family 26, model 2), 2 CPUs"
+    (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n")
+    assert devices.host_cpu(str(tmp_path / "arm")) == "unknown CPU, 1 CPUs"
+    assert devices.host_cpu(str(tmp_path / "missing")) is None

@@ -485,6 +485,7 @@ def environment(opts: Options, peak: tuple[float, str]) -> dict:
     """Machine and library versions of this run."""
     env = {"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
            "host": platform.node(), "processor": platform.processor() or platform.machine(),
+           "cpu": devices.host_cpu(),
            "peak_tflops": peak[0], "peak_source": peak[1]}
     if opts.torch:
         torch_ref = _torch_side()
@@ -496,7 +497,7 @@ def write_reports(rows: list[dict], env: dict, opts: Options, peak: tuple[float,
     """bench.json (everything measured), bench.md (header + table) and bench.png in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fsutil.write_json({"environment": env, "options": opts.__dict__, "rows": rows}, out_dir / "bench.json")
-    header = (f"{env['device']} ({env['backend']}), jax {env['jax']}"
+    header = (f"{env['device']} ({env['backend']}; host {env.get('cpu') or env['processor']}), jax {env['jax']}"
               + (f", torch {env['torch']['version']} ({env['torch']['device_name']}, "
                  f"{env['torch']['threads']} threads)" if opts.torch else "")
               + f", activations {opts.dtype}, attention {opts.attention}, remat {opts.remat}; "

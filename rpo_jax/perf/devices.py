@@ -93,3 +93,24 @@ def memory_bytes_in_use_peak(device: jax.Device | None = None) -> int | None:
     device = device or jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The host CPU as Linux names it, e.g. 'AMD EPYC (family 26, model 2), 2 CPUs' (the same
+    model name can hide different generations: the family tells them apart); None where
+    ``cpuinfo`` cannot be read (not Linux)."""
+    try:
+        lines = open(cpuinfo).read().splitlines()
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    cpus = 0
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            cpus += 1
+        fields.setdefault(key, value.strip())
+    name = fields.get("model name") or fields.get("Model") or "unknown CPU"
+    family = f" (family {fields['cpu family']}, model {fields.get('model', '?')})" if "cpu family" in fields else ""
+    return f"{name}{family}, {cpus} CPUs"
