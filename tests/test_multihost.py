@@ -31,9 +31,10 @@ SMALL = ["--config.train.max_steps=4", "--config.eval.every=2", "--config.train.
 
 
 def launch(n: int, devices: int, workdir: Path, *extra: str, audit: Path | None = None,
-           command: str = "train", timeout: float = 400) -> subprocess.CompletedProcess:
+           command: str = "train", timeout: float = 400, wait: bool = True):
     """``rpo-jax COMMAND --config configs/tiny.py --workdir WORKDIR SMALL EXTRA`` as ``n``
-    processes of ``devices`` CPU devices each (n = 1: a plain single-process run)."""
+    processes of ``devices`` CPU devices each (n = 1: a plain single-process run). Returns the
+    CompletedProcess, or with ``wait=False`` a function that waits for it and returns that."""
     env = dict(os.environ, PYTHON=sys.executable,
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     env.pop("XLA_FLAGS", None)  # the launcher sets the device count
@@ -42,7 +43,16 @@ def launch(n: int, devices: int, workdir: Path, *extra: str, audit: Path | None 
     cmd = ["bash", str(LAUNCH), str(n), "--devices", str(devices), "--logs", str(workdir.parent / f"logs-{workdir.name}"),
            sys.executable, str(CLI), command, "--config", str(ROOT / "configs" / "tiny.py"),
            "--workdir", str(workdir), *SMALL, *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish() -> subprocess.CompletedProcess:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return finish() if wait else finish
 
 
 def final_state(workdir: Path, step: int | None = None) -> dict:
@@ -65,9 +75,11 @@ def logs_of(workdir: Path) -> str:
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
     one, two, audit = base / "one", base / "two", base / "audit"
-    r1 = launch(1, 4, one)
-    assert r1.returncode == 0, r1.stderr[-3000:] + logs_of(one)
+    # both jobs at once: most of each is single-threaded compilation, so the 2 cores overlap them
+    finish1 = launch(1, 4, one, wait=False)
     r2 = launch(2, 2, two, "--config.mesh=(1,4,1)", audit=audit)
+    r1 = finish1()
+    assert r1.returncode == 0, r1.stderr[-3000:] + logs_of(one)
     assert r2.returncode == 0, r2.stderr[-3000:] + logs_of(two)
     return one, two, audit
 

@@ -51,6 +51,7 @@ def test_state_checkpoints_and_best_hold_adapters_only(lora_run):
         memory["frozen_bytes"] / 5
 
 
+@pytest.mark.slow  # ~30 s; the default suite checks SIGKILL + resume on full fine-tuning and online RPO
 def test_resume_after_sigkill_gives_the_same_adapters(lora_run, tmp_path):
     workdir, _ = lora_run
     _, expected = _latest_params(workdir)

@@ -127,9 +127,8 @@ def test_the_cpu_step_copies_no_trained_parameter(setup):
         step = train.jit_train_step(config, module, schedule, mesh, *shardings, backend=backend)
         with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
             hlo = step.lower(*args).compile().as_text()
+        assert "%state_params" in hlo  # the parameters keep their names in the HLO text
         return hlo.count("copy(%state_params")
 
-    n_params = len(jax.tree.leaves(args[0].params))
     assert param_copies("cpu") == 0
-    # what the CPU step avoids: with donation (the accelerator setting) XLA:CPU copies them all
-    assert param_copies("tpu") == n_params
+    # (with donation, backend="tpu" here, XLA:CPU copies every one: docs/performance.md, Notes)
