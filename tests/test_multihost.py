@@ -77,8 +77,10 @@ def runs(tmp_path_factory):
     one, two, audit = base / "one", base / "two", base / "audit"
     # both jobs at once: most of each is single-threaded compilation, so the 2 cores overlap them
     finish1 = launch(1, 4, one, wait=False)
-    r2 = launch(2, 2, two, "--config.mesh=(1,4,1)", audit=audit)
-    r1 = finish1()
+    try:
+        r2 = launch(2, 2, two, "--config.mesh=(1,4,1)", audit=audit)
+    finally:
+        r1 = finish1()
     assert r1.returncode == 0, r1.stderr[-3000:] + logs_of(one)
     assert r2.returncode == 0, r2.stderr[-3000:] + logs_of(two)
     return one, two, audit

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,7 @@ def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     model name can hide different generations: the family tells them apart); None where
     ``cpuinfo`` cannot be read (not Linux)."""
     try:
-        lines = open(cpuinfo).read().splitlines()
+        lines = Path(cpuinfo).read_text().splitlines()
     except OSError:
         return None
     fields: dict[str, str] = {}
